@@ -1,0 +1,61 @@
+"""The `posthoc` command group. Commands parse options, make one library call and print the result."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+import posthoc
+from posthoc.errors import PosthocError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(fn: F) -> F:
+    """Turn the library's typed errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PosthocError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_SIZE = re.compile(r"^\s*([0-9.eE+-]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '5e9', or mergekit's '5B' (billions of bytes) -> bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "b":
+        return int(number * 10**9)
+    base = 1024 if "i" in unit else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
+    return int(number * base**power)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(posthoc.__version__, prog_name="posthoc")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
+def main(verbose: bool) -> None:
+    """posthoc: post-hoc modular deep learning.
+
+    Find modules inside trained dense transformers (split), turn fine-tunes into portable modules
+    (extract), and compose, average or task-arithmetic checkpoints and modules (merge, stack).
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,21 @@
+"""Typed errors. The library raises them; the CLI prints `str(error)` as one line and exits 2."""
+
+
+class PosthocError(Exception):
+    """Base class of every error posthoc raises on bad input. Its message names the culprit and the fix."""
+
+
+class CheckpointError(PosthocError):
+    """A checkpoint cannot be opened or read (missing, corrupt, unsafe, offline hub id)."""
+
+
+class OutputError(PosthocError):
+    """The output location is not acceptable (exists, inside an input) or a written value is invalid."""
+
+
+class IncompatibleError(PosthocError):
+    """Inputs cannot be combined (missing tensors, shape or vocabulary mismatch)."""
+
+
+class ConfigError(PosthocError):
+    """A merge config, recipe or parameter is invalid (unknown method or key, value out of range)."""

@@ -1,0 +1,245 @@
+"""The streaming merge engine: per output tensor, read the inputs, merge, write, free.
+
+Memory stays flat in the model size: at any time the engine holds the inputs of the tensor being merged,
+the inputs of the next one (read ahead by a second thread while this one is computed) and the result.
+Methods whose output is element-wise in their inputs run on blocks of rows of very large tensors, so even
+an embedding matrix never needs to be in memory N times over. Everything that can fail is checked before
+any math (configuration, compatibility, every parameter of every tensor), and the output appears only
+when every tensor has been written and verified finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import posthoc
+from posthoc import checkpoint as ckpt_io
+from posthoc.compat import CompatReport, check_compatible
+from posthoc.errors import IncompatibleError, OutputError
+from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
+from posthoc.merge.config import MergeConfig, layer_position, num_layers
+from posthoc.merge.vocab import VocabularyAlignment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024  # float32 bytes of one input above which element-wise methods go by rows
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    seconds: float
+    num_tensors: int
+    total_bytes: int
+    num_shards: int
+    seed: int | None
+    report: CompatReport
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One unit of work: a whole tensor, or a block of its rows."""
+
+    name: str
+    rows: slice | None
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _compute_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def merge(
+    config: MergeConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    shard_size: int = ckpt_io.DEFAULT_SHARD_SIZE,
+    seed: int | None = None,
+    progress: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> MergeResult:
+    """Merge the checkpoints a config names into `out_dir` (atomically; nothing appears on failure)."""
+    started = time.perf_counter()
+    method = config.method
+    base_ref, entries = config.inputs()
+    opened: dict[str, ckpt_io.Checkpoint] = {}
+
+    def open_once(ref: str) -> ckpt_io.Checkpoint:
+        if ref not in opened:
+            opened[ref] = ckpt_io.open_checkpoint(ref)
+        return opened[ref]
+
+    try:
+        base = open_once(base_ref) if base_ref is not None else None
+        inputs = [open_once(entry.model) for entry in entries]
+        reference = base or inputs[0]
+        # The output location is checked before any heavy work, and again by the writer.
+        ckpt_io.check_output_location(Path(out_dir), [c.directory for c in opened.values()], force)
+        report = check_compatible(list(opened.values()), reference=reference)
+        alignment = None
+        if config.tokenizer_source is not None:
+            source = config.tokenizer_source
+            donor = reference if source == "base" else opened.get(source) or ckpt_io.open_checkpoint(source)
+            if report.vocab_mismatch:
+                alignment = VocabularyAlignment.build(donor, reference, list(opened.values()))
+                report.problems = [p for p in report.problems if not p.startswith("vocabulary sizes differ")]
+        else:
+            donor = reference
+        if report.problems:
+            more = f" (and {len(report.problems) - 1} more problems; run `posthoc check`)" if len(report.problems) > 1 else ""
+            raise IncompatibleError(report.problems[0] + more)
+
+        names = list(reference.tensors)
+        layers = num_layers(reference.config, names)
+        # Resolve and validate every parameter of every tensor before any math.
+        params = {name: config.resolve(name, layer_position(name, layers)) for name in names}
+        if method.randomized and seed is None:
+            seed = secrets.randbits(31)
+        specs = []
+        for name in names:
+            infos = [c.tensors[name] for c in [*([base] if base else []), *inputs]]
+            shape = alignment.shape(name, reference.tensors[name].shape) if alignment else reference.tensors[name].shape
+            if infos[0].dtype.is_floating_point:
+                out_dtype = config.out_dtype or config.dtype or _promote([i.dtype for i in infos])
+            else:
+                out_dtype = infos[0].dtype
+            specs.append(ckpt_io.TensorSpec(name, tuple(shape), out_dtype))
+        out_dtypes = {s.name: s.dtype for s in specs}
+
+        items: list[_Item] = []
+        for spec in specs:
+            per_input = spec.nbytes // ckpt_io.dtype_size(spec.dtype) * 4
+            if method.elementwise and alignment is None and len(spec.shape) >= 1 and per_input > block_bytes and spec.shape[0] > 1:
+                step = max(1, spec.shape[0] * block_bytes // per_input)
+                items += [_Item(spec.name, slice(r, min(r + step, spec.shape[0]))) for r in range(0, spec.shape[0], step)]
+            else:
+                items.append(_Item(spec.name, None))
+
+        def load(item: _Item) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            raw = {source: c.read(item.name, item.rows) for source, c in opened.items() if item.name in c.tensors}
+            if alignment is not None and alignment.covers(item.name):
+                raw = alignment.align(raw, base.source if base is not None else None)
+            if config.dtype is not None:  # round the inputs as the config asks, like mergekit
+                raw = {k: t.to(config.dtype) if t.dtype.is_floating_point else t for k, t in raw.items()}
+            return (raw[base.source] if base is not None else None), [raw[c.source] for c in inputs]
+
+        with (
+            ckpt_io.CheckpointWriter(out_dir, specs, shard_size=shard_size, force=force, protect=[c.directory for c in opened.values()]) as writer,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-read") as reader,
+        ):
+            bar = tqdm(total=len(items), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
+            for item, (base_tensor, tensors) in _read_ahead(reader, items, load):
+                out = _merge_one(
+                    config, item.name, base_tensor, tensors, params[item.name], seed, [e.model for e in entries], base_ref
+                )
+                writer.write(item.name, out.to(out_dtypes[item.name]), row_offset=item.rows.start if item.rows else None)
+                bar.update(1)
+            bar.close()
+            copied = ckpt_io.copy_side_files(donor.directory, writer, config_from=None)
+            output_config = dict(reference.config)
+            if output_config:
+                dtype_name = str(config.out_dtype or config.dtype or specs[0].dtype).replace("torch.", "")
+                output_config["dtype" if "dtype" in output_config else "torch_dtype"] = dtype_name
+                if alignment is not None:
+                    output_config["vocab_size"] = alignment.rows
+                writer.add_json("config.json", output_config)
+            if (reference.directory / "generation_config.json").is_file():
+                writer.add_file(reference.directory / "generation_config.json")
+            writer.add_json(
+                "posthoc_merge.json",
+                {
+                    "posthoc_version": posthoc.__version__,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "method": method.name,
+                    "paper": method.paper,
+                    "base_model": base_ref,
+                    "models": [e.model for e in entries],
+                    "config": config.to_dict(),
+                    "seed": seed,
+                    "shard_size": shard_size,
+                    "tokenizer_files_from": str(donor.directory) if copied else None,
+                    "vocabulary_aligned": alignment is not None,
+                },
+            )
+            if config.source_text:
+                (writer.staging / "posthoc_merge.yml").write_text(config.source_text)
+            writer.commit()
+        return MergeResult(
+            out_dir=writer.out_dir,
+            seconds=time.perf_counter() - started,
+            num_tensors=len(specs),
+            total_bytes=writer.total_size,
+            num_shards=writer.num_shards,
+            seed=seed,
+            report=report,
+            warnings=report.warnings,
+        )
+    finally:
+        for c in opened.values():
+            c.close()
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _read_ahead(pool: ThreadPoolExecutor, items: list[_Item], load) -> Iterator[tuple[_Item, Any]]:
+    """Yield (item, loaded inputs) while the next item is being read on the other thread."""
+    pending: Future | None = pool.submit(load, items[0]) if items else None
+    for i, item in enumerate(items):
+        current = pending.result()
+        pending = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
+        yield item, current
+
+
+def _merge_one(
+    config: MergeConfig,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    params: dict[str, Any],
+    seed: int | None,
+    models: list[str],
+    base_ref: str | None,
+) -> torch.Tensor:
+    method = config.method
+    every = [*([base] if base is not None else []), *tensors]
+    if not every[0].dtype.is_floating_point:  # integer buffers (position ids …) must agree; copied
+        for tensor, model in zip(tensors, models):
+            if not torch.equal(tensor, every[0]):
+                raise IncompatibleError(f"tensor {name}: integer tensor differs in {model}; it cannot be merged")
+        return every[0]
+    compute = _compute_dtype([t.dtype for t in every])
+    base_c = base.to(compute) if base is not None else None
+    tensors_c = [t.to(compute) for t in tensors]
+    kwargs = dict(params)
+    if method.randomized:
+        kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
+    out = method.fn(tensors_c, base_c, **kwargs)
+    if not torch.isfinite(out).all():
+        culprits = [m for m, t in zip([*([base_ref] if base is not None else []), *models], every) if not torch.isfinite(t.to(compute)).all()]
+        why = f"input {culprits[0]} already holds NaN/Inf there" if culprits else "check weights that sum to zero with normalize"
+        raise OutputError(f"tensor {name}: {method.name} produced NaN/Inf ({why}); nothing was written")
+    return out

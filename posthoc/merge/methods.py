@@ -1,0 +1,284 @@
+"""The merge methods: pure functions of float tensors, registered with their parameters.
+
+Conventions shared by every method:
+- `tensors` are the non-base inputs in config order (for methods whose base is "ignored", a configured
+  base is simply one more entry of `tensors`), `base` is the base tensor or None.
+- All arithmetic is float32 (float64 when the inputs are float64); the engine casts inputs and outputs.
+- Parameter names, defaults and semantics follow mergekit 0.1.5, so its YAML files mean the same here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+
+from posthoc.errors import ConfigError
+from posthoc.merge import sparsify
+from posthoc.merge.registry import (
+    DENSITY,
+    PER_MODEL,
+    MergeMethod,
+    Param,
+    ParamSpec,
+    PerModel,
+    Required,
+    merge_method,
+    register,
+)
+
+Fraction = Annotated[float, Param(low=0.0, high=1.0)]
+Positive = Annotated[float, Param(low=0.0, low_open=True)]
+
+
+@merge_method("linear", base="ignored", elementwise=True, paper="https://arxiv.org/abs/2203.05482")
+def linear(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: PerModel = Required,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Weighted average (model soup): Σ wᵢθᵢ, divided by Σ wᵢ when normalize."""
+    out = torch.zeros_like(tensors[0])
+    for tensor, w in zip(tensors, weight):
+        out.add_(tensor, alpha=w)
+    if normalize:
+        out /= sum(weight)
+    return out
+
+
+def task_arithmetic_family(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    sparsification: str | None,
+    consensus: bool,
+    weight: list[float],
+    density: list[float] | None = None,
+    gamma: list[float] | None = None,
+    epsilon: list[float] | None = None,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """θ₀ + λ · combine(wᵢ · sparsify(θᵢ − θ₀)): task arithmetic, TIES, DARE, breadcrumbs and DELLA.
+
+    sparsification: None | "magnitude" (TIES) | "random" (DARE) | "breadcrumbs" | "della".
+    consensus: TIES sign election, then the disjoint mean over agreeing inputs.
+    normalize: divide by the sum of weights (of agreeing inputs, with consensus).
+    int8_mask only changed the dtype of mergekit's mask and has no effect on the result.
+    """
+    weighted = []
+    for i, (tensor, w) in enumerate(zip(tensors, weight)):
+        delta = tensor - base
+        d = density[i] if density is not None else 1.0
+        if sparsification == "magnitude":
+            mask = sparsify.magnitude_mask(delta, d)
+        elif sparsification == "random":
+            mask = sparsify.random_mask(delta, d, generator)
+        elif sparsification == "breadcrumbs":
+            mask = sparsify.breadcrumbs_mask(delta, d, gamma[i] if gamma is not None else 0.01)
+        elif sparsification == "della":
+            mask = sparsify.della_mask(delta, d, epsilon[i] if epsilon is not None else 0.15, generator)
+        else:
+            mask = None
+        delta = sparsify.apply_mask(delta, mask, rescale)
+        delta *= w
+        weighted.append(delta)
+    if consensus:
+        agree = sparsify.sign_consensus(weighted)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for delta, mask, w in zip(weighted, agree, weight):
+            mixed += delta * mask
+            divisor += mask * w
+        divisor[divisor == 0] = 1.0
+    else:
+        mixed = weighted[0]
+        for delta in weighted[1:]:
+            mixed += delta
+        total = sum(weight)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base + mixed
+
+
+# The family as configurations of one kernel: (name, sparsification, consensus, normalize, rescale, paper).
+TASK_ARITHMETIC_FAMILY = [
+    ("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
+    ("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    ("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
+    ("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
+    ("breadcrumbs", "breadcrumbs", False, False, False, "https://arxiv.org/abs/2312.06795"),
+    ("breadcrumbs_ties", "breadcrumbs", True, False, False, "https://arxiv.org/abs/2312.06795"),
+    ("della", "della", True, True, True, "https://arxiv.org/abs/2406.11617"),
+    ("della_linear", "della", False, False, True, "https://arxiv.org/abs/2406.11617"),
+]
+
+
+SUMMARIES = {
+    "task_arithmetic": "θ₀ + λ Σ wᵢ(θᵢ − θ₀): task vectors added to the base",
+    "ties": "TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
+    "dare_linear": "DARE: drop task-vector entries at random (keep density), rescale, add",
+    "dare_ties": "DARE drop + TIES sign election",
+    "breadcrumbs": "Model breadcrumbs: drop the largest (gamma) and the smallest entries, add",
+    "breadcrumbs_ties": "Model breadcrumbs + TIES sign election",
+    "della": "DELLA: magnitude-ranked random drop (density ± epsilon), rescale, TIES election",
+    "della_linear": "DELLA drop, rescale, add",
+}
+
+
+def _check_della(params: dict, where: str) -> None:
+    for density, epsilon in zip(params["density"], params["epsilon"]):
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise ConfigError(
+                f"della {where}: density ± epsilon must lie inside (0, 1), got density {density} and epsilon {epsilon}"
+            )
+
+
+def _family_member(
+    name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool, paper: str
+) -> MergeMethod:
+    params = [ParamSpec("weight", "weight", float, Required, PER_MODEL)]
+    if sparsification is not None:
+        params.append(ParamSpec("density", "density", float, 1.0, DENSITY))
+    if sparsification == "breadcrumbs":
+        params.append(ParamSpec("gamma", "gamma", float, 0.01, Param(per_model=True, low=0.0, high=1.0, high_open=True)))
+    if sparsification == "della":
+        params.append(ParamSpec("epsilon", "epsilon", float, 0.15, Param(per_model=True, low=0.0, high=0.5, high_open=True)))
+    params += [
+        ParamSpec("normalize", "normalize", bool, normalize, Param()),
+        ParamSpec("rescale", "rescale", bool, rescale, Param()),
+        ParamSpec("lambda", "lambda_", float, 1.0, Param()),
+        ParamSpec("int8_mask", "int8_mask", bool, False, Param()),
+    ]
+
+    def merge(tensors: list[torch.Tensor], base: torch.Tensor, **params) -> torch.Tensor:
+        return task_arithmetic_family(tensors, base, sparsification=sparsification, consensus=consensus, **params)
+
+    return MergeMethod(
+        name=name,
+        fn=merge,
+        params={p.name: p for p in params},
+        base="required",
+        min_models=1,
+        max_models=None,
+        randomized=sparsification in ("random", "della"),
+        elementwise=sparsification is None,
+        paper=paper,
+        summary=SUMMARIES[name],
+        validate=_check_della if sparsification == "della" else None,
+    )
+
+
+for _row in TASK_ARITHMETIC_FAMILY:
+    register(_family_member(*_row))
+
+
+def _flat_norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.reshape(-1)))
+
+
+@merge_method("slerp", base="required", min_models=1, max_models=1, paper="https://en.wikipedia.org/wiki/Slerp")
+def slerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    t: Fraction = Required,
+) -> torch.Tensor:
+    """Spherical interpolation between the base (t = 0) and the other model (t = 1)."""
+    a, b = base, tensors[0]
+    if a.numel() == 0:
+        return (1 - t) * a + t * b
+    na, nb = _flat_norm(a), _flat_norm(b)
+    na = na if na > 1e-8 else 1.0
+    nb = nb if nb > 1e-8 else 1.0
+    dot = float(torch.dot((a / na).reshape(-1), (b / nb).reshape(-1)))
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > 0.9995:  # nearly colinear: the spherical formula is ill-conditioned
+        return (1 - t) * a + t * b
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
+
+
+@merge_method("multislerp", base="optional", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
+def multislerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: PerModel = Required,
+    normalize_weights: bool = True,
+    eps: Positive = 1e-8,
+) -> torch.Tensor:
+    """Weighted spherical barycenter of several models (of their task vectors when a base is given)."""
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    shape = tensors[0].shape
+    vectors = [(x - base if base is not None else x).reshape(-1) for x in tensors]
+    w = torch.tensor(weight, dtype=vectors[0].dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = [torch.linalg.vector_norm(v) for v in vectors]
+    units = [v / (n + eps) for v, n in zip(vectors, norms)]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(vectors) != 2:
+            raise ValueError("multislerp: the task vectors cancel out (their weighted mean direction is zero)")
+        out = w[0] * vectors[0] + w[1] * vectors[1]
+    else:
+        mean = mean / mean_norm
+        tangent = sum(wi * (u - torch.dot(u, mean) * mean) for wi, u in zip(w, units))
+        tau = torch.linalg.vector_norm(tangent) + eps
+        out = (mean * torch.cos(tau) + tangent * torch.sin(tau) / tau) * sum(wi * n for wi, n in zip(w, norms))
+    out = out.reshape(shape)
+    return out + base if base is not None else out
+
+
+@merge_method("model_stock", base="required", min_models=2, paper="https://arxiv.org/abs/2403.19522")
+def model_stock(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    filter_wise: bool = False,
+) -> torch.Tensor:
+    """Model Stock: average of the fine-tunes pulled towards the base by their task vectors' angle."""
+    n = len(tensors)
+    shape = base.shape
+    if filter_wise:
+        rows = (lambda x: x.reshape(1, -1)) if base.dim() <= 1 else (lambda x: x.reshape(-1, x.shape[-1]))
+    else:
+        rows = lambda x: x.reshape(1, -1)  # noqa: E731
+    origin = rows(base)
+    offsets = [rows(x) - origin for x in tensors]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norm = torch.clamp(
+                torch.linalg.vector_norm(offsets[i], dim=-1) * torch.linalg.vector_norm(offsets[j], dim=-1), min=1e-6
+            )
+            cosines.append(torch.clamp((offsets[i] * offsets[j]).sum(-1) / norm, -1, 1))
+    cos = torch.stack(cosines).mean(0)
+    denominator = 1 + (n - 1) * cos
+    ratio = torch.where(denominator.abs() < 1e-6, torch.zeros_like(cos), n * cos / denominator).unsqueeze(-1)
+    average = sum(rows(x) for x in tensors) / n
+    return (ratio * average + (1 - ratio) * origin).reshape(shape)
+
+
+@merge_method("passthrough", base="ignored", max_models=1, elementwise=True, paper="https://github.com/arcee-ai/mergekit")
+def passthrough(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    scale: PerModel = 1.0,
+) -> torch.Tensor:
+    """Copy the single input, optionally scaled."""
+    return tensors[0] * scale[0] if scale[0] != 1.0 else tensors[0].clone()
