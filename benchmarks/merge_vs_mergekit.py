@@ -352,7 +352,8 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """One bfloat16 ulp at |x| (float32 input): 2**(floor(log2|x|) - 7), floored at the smallest subnormal."""
     import torch
 
-    _, exp = torch.frexp(x.abs())  # |x| = m * 2**exp, m in [0.5, 1)
+    _, exp = torch.frexp(x.abs())  # |x| = m * 2**exp, m in [0.5, 1); frexp(0) gives exp 0
+    exp = torch.where(x == 0, -125, exp)  # so that 0 gets the subnormal ulp 2**-133 too
     return torch.ldexp(torch.ones_like(x), (exp - 8).clamp(min=-133))
 
 

@@ -6,12 +6,14 @@ problem. Problems name the exact tensor, the models and both sizes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from posthoc.checkpoint import Checkpoint
 
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
 EMBEDDING_HINTS = ("embed_tokens", "word_embeddings", "wte", "lm_head", "embed_out", "shared", "output.weight")
 
 
@@ -70,11 +72,9 @@ def embedding_names(ckpt: Checkpoint) -> list[str]:
     vocab = ckpt.config.get("vocab_size")
     names = []
     for name, info in ckpt.tensors.items():
-        if len(info.shape) != 2:
+        if len(info.shape) != 2 or "position" in name or "token_type" in name or LAYER_INDEX.search(name):
             continue
-        if (vocab is not None and info.shape[0] == vocab) or any(h in name for h in EMBEDDING_HINTS):
-            if "position" in name or "token_type" in name:
-                continue
+        if any(h in name for h in EMBEDDING_HINTS) or (vocab is not None and info.shape[0] == vocab):
             names.append(name)
     return names
 

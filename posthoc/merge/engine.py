@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import posthoc
 from posthoc import checkpoint as ckpt_io
@@ -32,6 +31,7 @@ from posthoc.errors import IncompatibleError, OutputError
 from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
 from posthoc.merge.vocab import VocabularyAlignment
+from posthoc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,13 @@ def merge(
             ckpt_io.CheckpointWriter(out_dir, specs, shard_size=shard_size, force=force, protect=[c.directory for c in opened.values()]) as writer,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-read") as reader,
         ):
-            bar = tqdm(total=len(items), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
-            for item, (base_tensor, tensors) in _read_ahead(reader, items, load):
-                out = _merge_one(
-                    config, item.name, base_tensor, tensors, params[item.name], seed, [e.model for e in entries], base_ref
-                )
-                writer.write(item.name, out.to(out_dtypes[item.name]), row_offset=item.rows.start if item.rows else None)
-                bar.update(1)
-            bar.close()
+            with progress_bar(len(items), f"merge ({method.name})", "tensor", enabled=progress) as bar:
+                for item, (base_tensor, tensors) in _read_ahead(reader, items, load):
+                    out = _merge_one(
+                        config, item.name, base_tensor, tensors, params[item.name], seed, [e.model for e in entries], base_ref
+                    )
+                    writer.write(item.name, out.to(out_dtypes[item.name]), row_offset=item.rows.start if item.rows else None)
+                    bar.update(1)
             copied = ckpt_io.copy_side_files(donor.directory, writer, config_from=None)
             output_config = dict(reference.config)
             if output_config:

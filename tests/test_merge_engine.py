@@ -1,0 +1,208 @@
+"""End-to-end merges on tiny random Llama and BERT checkpoints: outputs checked tensor by tensor against
+formulas applied to the inputs read with the safetensors library, and loaded with transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import read_all
+from posthoc.cli import main
+from test_merge_methods import numpy_ties
+
+from posthoc.merge import MergeConfig, merge_checkpoints
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ties_yaml_matches_formula_and_loads(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = llama_family
+    config = write_yaml(
+        tmp_path / "ties.yml",
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": w, "density": 0.3}} for p, w in zip(tuned, [0.5, 1.0, 0.7])],
+            "parameters": {"lambda": 0.9},
+        },
+    )
+    result = run_cli("merge", config, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    out = read_all(tmp_path / "out")
+    inputs = [read_all(base)] + [read_all(p) for p in tuned]
+    assert set(out) == set(inputs[0])
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        expected = numpy_ties(inputs[0][name], [t[name] for t in inputs[1:]], [0.5, 1.0, 0.7], [0.3] * 3, lam=0.9)
+        torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+    provenance = json.loads((tmp_path / "out" / "posthoc_merge.json").read_text())
+    assert provenance["method"] == "ties" and provenance["config"]["parameters"] == {"lambda": 0.9}
+    assert (tmp_path / "out" / "posthoc_merge.yml").read_text() == config.read_text()
+
+
+def test_sharded_bf16_linear_writes_sharded_output(llama_family_sharded_bf16, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = llama_family_sharded_bf16
+    assert (base / "model.safetensors.index.json").is_file()  # the inputs really are sharded
+    result = run_cli(
+        "merge", "--method", "linear", base, *tuned, "--weight", "1", "--weight", "2", "--weight", "1", "--weight", "4",
+        "-o", tmp_path / "out", "--shard-size", "8KB", "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)
+    out = read_all(tmp_path / "out")
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in out.values())
+    inputs = [read_all(p) for p in [base, *tuned]]
+    weights = [1, 2, 1, 4]
+    for name, tensor in out.items():
+        expected = sum(w * t[name].float() for w, t in zip(weights, inputs)) / sum(weights)
+        assert tensor.dtype == torch.bfloat16
+        torch.testing.assert_close(tensor, expected.bfloat16(), atol=0, rtol=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+
+
+def test_gradients_and_filters(llama_family, tmp_path):
+    base, tuned = llama_family
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(tuned[0]), "parameters": {"weight": [0.0, 1.0]}}],
+    }
+    merge_checkpoints(MergeConfig.from_dict(data), tmp_path / "gradient", progress=False)
+    out, b, t = read_all(tmp_path / "gradient"), read_all(base), read_all(tuned[0])
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[name.format(0)], b[name.format(0)])  # position 0 -> weight 0
+    torch.testing.assert_close(out[name.format(1)], (b[name.format(1)] + t[name.format(1)]) / 2)  # 0.5
+    torch.testing.assert_close(out[name.format(2)], t[name.format(2)])  # position 1 -> weight 1
+    torch.testing.assert_close(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # outside layers: 0
+
+    data["models"][0]["parameters"]["weight"] = [{"filter": "mlp", "value": 1.0}, {"value": 0.0}]
+    merge_checkpoints(MergeConfig.from_dict(data), tmp_path / "filter", progress=False)
+    out = read_all(tmp_path / "filter")
+    for key in out:
+        torch.testing.assert_close(out[key], t[key] if "mlp" in key else b[key])
+
+
+def test_flag_form_equals_yaml(llama_family, tmp_path):
+    base, tuned = llama_family
+    yaml_path = write_yaml(
+        tmp_path / "c.yml",
+        {
+            "merge_method": "dare_ties",
+            "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in tuned[:2]],
+            "parameters": {"density": 0.4},
+        },
+    )
+    assert run_cli("merge", yaml_path, tmp_path / "a", "--seed", "3", "--quiet").exit_code == 0
+    flags = run_cli("merge", "--method", "dare_ties", "--base", base, *tuned[:2], "--density", "0.4", "--seed", "3",
+                    "-o", tmp_path / "b", "--quiet")
+    assert flags.exit_code == 0, flags.output
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = run_cli("merge", yaml_path, tmp_path / "c", "--seed", "4", "--quiet")
+    assert c.exit_code == 0 and not all(torch.equal(a[k], read_all(tmp_path / "c")[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "posthoc_merge.json").read_text())["seed"] == 3
+
+
+def test_random_method_without_seed_records_the_seed_it_drew(llama_family, tmp_path):
+    base, tuned = llama_family
+    config = MergeConfig.from_dict(
+        {"merge_method": "dare_linear", "base_model": str(base),
+         "models": [{"model": str(tuned[0]), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    )
+    first = merge_checkpoints(config, tmp_path / "a", progress=False)
+    merge_checkpoints(config, tmp_path / "b", progress=False, seed=first.seed)
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_row_blocks_give_the_same_result(llama_family, tmp_path):
+    base, tuned = llama_family
+    config = MergeConfig.from_dict(
+        {"merge_method": "task_arithmetic", "base_model": str(base),
+         "models": [{"model": str(p), "parameters": {"weight": 0.3}} for p in tuned]}
+    )
+    merge_checkpoints(config, tmp_path / "whole", progress=False)
+    merge_checkpoints(config, tmp_path / "blocks", progress=False, block_bytes=512)
+    whole, blocks = read_all(tmp_path / "whole"), read_all(tmp_path / "blocks")
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method,extra", [("slerp", {"t": 0.4}), ("model_stock", {}), ("multislerp", None), ("della", None)])
+def test_bert_merges_load_with_automodel(bert_family, tmp_path, method, extra):
+    from transformers import AutoModel
+
+    base, tuned = bert_family
+    models = tuned[:1] if method == "slerp" else tuned
+    per_model = {"weight": 1.0} if extra is None else {}
+    if method == "della":
+        per_model["density"] = 0.5
+    config = MergeConfig.from_dict(
+        {"merge_method": method, "base_model": str(base),
+         "models": [{"model": str(p), **({"parameters": per_model} if per_model else {})} for p in models],
+         **({"parameters": extra} if extra else {})}
+    )
+    merge_checkpoints(config, tmp_path / "out", progress=False, seed=0)
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    hidden = model(torch.tensor([[1, 5, 7]])).last_hidden_state
+    assert hidden.shape == (1, 3, 32) and torch.isfinite(hidden).all()
+
+
+def test_check_command_reports_and_exits(llama_family, bert_family, tmp_path):
+    base, tuned = llama_family
+    ok = run_cli("check", base, *tuned)
+    assert ok.exit_code == 0 and "compatible" in ok.output and "LlamaForCausalLM" in ok.output
+    bad = run_cli("check", base, bert_family[0])
+    assert bad.exit_code == 1 and "NOT compatible" in bad.output and "missing" in bad.output
+
+
+@pytest.mark.real
+def test_real_minilm_ties_merge(tmp_path):
+    """The packaged all-MiniLM-L6-v2 with two perturbed copies: formula check and a sentence embedding."""
+    from posthoc.assets import minilm_dir
+    from transformers import AutoModel, AutoTokenizer
+
+    from posthoc.checkpoint import open_checkpoint, save_state_dict
+
+    base = minilm_dir()
+    with open_checkpoint(base) as ckpt:
+        state = {name: ckpt.read(name) for name in ckpt.tensors}
+    tuned = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        noisy = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+        tuned.append(save_state_dict(noisy, tmp_path / f"t{i}", copy_from=base))
+    config = MergeConfig.from_dict(
+        {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.2},
+         "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in tuned]}
+    )
+    merge_checkpoints(config, tmp_path / "out", progress=False)
+    out, inputs = read_all(tmp_path / "out"), [read_all(base), *map(read_all, tuned)]
+    name = "encoder.layer.3.intermediate.dense.weight"
+    expected = numpy_ties(inputs[0][name], [t[name] for t in inputs[1:]], [0.5, 0.5], [0.2, 0.2])
+    torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-5)
+    model, tokenizer = AutoModel.from_pretrained(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path / "out")
+    original = AutoModel.from_pretrained(base)
+    batch = tokenizer(["posthoc merges checkpoints"], return_tensors="pt")
+    a = model(**batch).last_hidden_state.mean(1)
+    b = original(**batch).last_hidden_state.mean(1)
+    assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99

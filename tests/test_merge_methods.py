@@ -1,0 +1,255 @@
+"""Each merge method against a direct formula written here independently (numpy, sorting, loops)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from posthoc.errors import ConfigError
+from posthoc.merge import REGISTRY, get_method
+from posthoc.merge.sparsify import kth_largest, top_k_mask
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def call(name, tensors, base, **params):
+    method = get_method(name)
+    kwargs = {}
+    for spec in method.params.values():
+        if spec.name in params:
+            kwargs[spec.argument] = params[spec.name]
+        elif not spec.required:
+            kwargs[spec.argument] = [spec.default] * len(tensors) if spec.scope.per_model else spec.default
+    if method.randomized:
+        kwargs["generator"] = torch.Generator().manual_seed(params.get("seed", 0))
+    return method.fn([t.clone() for t in tensors], None if base is None else base.clone(), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 1), (1000, 999), (100_000, 20_000)])
+def test_kth_largest_matches_sort(n, k):
+    values = rand(n, seed=n).abs()
+    assert kth_largest(values, k) == torch.sort(values, descending=True).values[k - 1]
+
+
+def test_top_k_mask_keeps_exactly_k_with_ties_broken_by_index():
+    values = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5])
+    mask = top_k_mask(values, 3)
+    assert mask.tolist() == [False, True, True, True, False, False]
+    bf16_like = (rand(50_000, seed=3) * 1e-3).bfloat16().float().abs()  # many equal magnitudes
+    assert int(top_k_mask(bf16_like, 10_000).sum()) == 10_000
+
+
+# ------------------------------------------------------------------------------------------- linear family
+
+
+def test_linear_weighted_average():
+    xs = [rand(4, 5, seed=i) for i in range(3)]
+    w = [0.2, 0.5, 1.3]
+    expected = sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+    torch.testing.assert_close(call("linear", xs, None, weight=w), expected)
+    torch.testing.assert_close(call("linear", xs, None, weight=w, normalize=False), expected * sum(w))
+
+
+def test_task_arithmetic_formula():
+    base = rand(6, 7, seed=9)
+    xs = [base + 0.1 * rand(6, 7, seed=i) for i in range(3)]
+    w = [0.3, 0.6, -0.2]
+    expected = base + 0.7 * sum(wi * (x - base) for wi, x in zip(w, xs))
+    torch.testing.assert_close(call("task_arithmetic", xs, base, weight=w, **{"lambda": 0.7}), expected)
+    normalized = base + sum(wi * (x - base) for wi, x in zip(w, xs)) / sum(w)
+    torch.testing.assert_close(call("task_arithmetic", xs, base, weight=w, normalize=True), normalized)
+
+
+def numpy_ties(base, xs, weights, densities, normalize=True, lam=1.0):
+    """TIES as in the paper / mergekit, with numpy and a stable argsort."""
+    base = base.numpy().astype(np.float64)
+    deltas = []
+    for x, w, density in zip(xs, weights, densities):
+        d = (x.numpy().astype(np.float64) - base).reshape(-1)
+        k = max(1, int(density * d.size))
+        keep = np.zeros(d.size, dtype=bool)
+        keep[np.argsort(-np.abs(d), kind="stable")[:k]] = True
+        deltas.append(np.where(keep, d, 0.0) * w)
+    stacked = np.stack(deltas)
+    majority = np.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(stacked) == majority
+    mixed = (stacked * agree).sum(0)
+    divisor = (np.array(weights)[:, None] * agree).sum(0)
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return torch.from_numpy((base.reshape(-1) + lam * mixed).reshape(base.shape)).float()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference(normalize):
+    base = rand(20, 30, seed=1)
+    xs = [base + rand(20, 30, seed=10 + i) * 0.05 for i in range(3)]
+    w, dens = [0.5, 1.0, 0.7], [0.2, 0.5, 0.1]
+    got = call("ties", xs, base, weight=w, density=dens, normalize=normalize)
+    torch.testing.assert_close(got, numpy_ties(base, xs, w, dens, normalize), atol=1e-6, rtol=1e-5)
+
+
+def test_ties_all_zero_deltas_return_base():
+    base = rand(5, 5)
+    got = call("ties", [base.clone(), base.clone()], base, weight=[1.0, 1.0], density=[0.5, 0.5])
+    torch.testing.assert_close(got, base)
+
+
+def test_breadcrumbs_keeps_the_middle_band():
+    base = torch.zeros(1000)
+    x = rand(1000, seed=4)
+    got = call("breadcrumbs", [x], base, weight=[1.0], density=[0.3], gamma=[0.1])
+    order = np.argsort(np.abs(x.numpy()), kind="stable")
+    n_bot = 1000 - 300 - 100
+    keep = np.zeros(1000, dtype=bool)
+    keep[order[n_bot : n_bot + 300]] = True
+    torch.testing.assert_close(got, torch.from_numpy(np.where(keep, x.numpy(), 0.0)).float())
+    # density 1: untouched, gamma ignored (mergekit semantics)
+    torch.testing.assert_close(call("breadcrumbs", [x], base, weight=[1.0], gamma=[0.1]), x)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_drops_at_random_and_rescales_l1(method):
+    base = rand(200, 300, seed=2)
+    x = base + 0.01 * rand(200, 300, seed=3)
+    got = call(method, [x], base, weight=[1.0], density=[0.3], seed=7)
+    delta = x - base
+    kept = (got - base).abs() > 0
+    fraction = kept.float().mean().item()
+    assert abs(fraction - 0.3) < 0.01  # 60,000 Bernoulli draws: 6 standard deviations
+    ratio = delta.abs().sum() / (delta * kept).abs().sum()
+    torch.testing.assert_close(got - base, delta * kept * ratio, atol=1e-6, rtol=1e-4)
+    again = call(method, [x], base, weight=[1.0], density=[0.3], seed=7)
+    other = call(method, [x], base, weight=[1.0], density=[0.3], seed=8)
+    assert torch.equal(got, again) and not torch.equal(got, other)
+
+
+def test_della_keeps_large_entries_more_often():
+    base = torch.zeros(400, 500)
+    x = rand(400, 500, seed=5)
+    got = call("della_linear", [x], base, weight=[1.0], density=[0.5], epsilon=[0.3], rescale=False)
+    kept = got != 0
+    ranks = x.abs().argsort(1).argsort(1)
+    low = kept[ranks < 50].float().mean().item()  # expected keep probability ≈ 0.2 + 0.6·(rank/499)
+    high = kept[ranks >= 450].float().mean().item()
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+    assert 0.2 < low < 0.29 and 0.71 < high < 0.8
+    torch.testing.assert_close(got[kept], x[kept])
+
+
+def test_della_rejects_density_epsilon_outside_unit_interval(tmp_path):
+    from posthoc.merge import MergeConfig
+
+    config = MergeConfig.from_dict(
+        {"merge_method": "della", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1, "density": 0.1}}]}
+    )
+    with pytest.raises(ConfigError, match="density ± epsilon"):
+        config.resolve("x.weight", 0.0)
+
+
+# ------------------------------------------------------------------------------------------- geometric
+
+
+def numpy_slerp(t, a, b):
+    a64, b64 = a.numpy().astype(np.float64).reshape(-1), b.numpy().astype(np.float64).reshape(-1)
+    dot = np.clip(np.dot(a64 / np.linalg.norm(a64), b64 / np.linalg.norm(b64)), -1, 1)
+    if abs(dot) > 0.9995:
+        out = (1 - t) * a64 + t * b64
+    else:
+        theta = np.arccos(dot)
+        out = (np.sin((1 - t) * theta) * a64 + np.sin(t * theta) * b64) / np.sin(theta)
+    return torch.from_numpy(out.reshape(a.shape)).float()
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_formula(t):
+    a, b = rand(8, 9, seed=1), rand(8, 9, seed=2)
+    got = call("slerp", [b], a, t=t)
+    torch.testing.assert_close(got, numpy_slerp(t, a, b), atol=1e-5, rtol=1e-5)
+    if t == 0.0:
+        torch.testing.assert_close(got, a)
+
+
+def test_slerp_of_parallel_vectors_is_linear():
+    a = rand(10, seed=1)
+    torch.testing.assert_close(call("slerp", [2 * a], a, t=0.25), 1.25 * a)
+
+
+def test_slerp_preserves_norm_between_unit_vectors():
+    a = torch.tensor([1.0, 0.0])
+    b = torch.tensor([0.0, 1.0])
+    got = call("slerp", [b], a, t=0.5)
+    torch.testing.assert_close(got, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+
+
+def test_multislerp_two_orthogonal_unit_task_vectors():
+    base = rand(2, seed=3)
+    got = call("multislerp", [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])], base, weight=[1.0, 1.0])
+    # the spherical midpoint of two orthogonal unit vectors, with norm Σ wᵢ‖τᵢ‖ = 1
+    torch.testing.assert_close(got - base, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]), atol=1e-6, rtol=1e-6)
+
+
+def test_model_stock_formula():
+    base = rand(30, 40, seed=0)
+    xs = [base + rand(30, 40, seed=i) * 0.1 for i in (1, 2, 3)]
+    offsets = [(x - base).reshape(-1).double() for x in xs]
+    cos = np.mean(
+        [float(offsets[i] @ offsets[j] / (offsets[i].norm() * offsets[j].norm())) for i in range(3) for j in range(i + 1, 3)]
+    )
+    t = 3 * cos / (1 + 2 * cos)
+    expected = t * sum(xs) / 3 + (1 - t) * base
+    torch.testing.assert_close(call("model_stock", xs, base), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_passthrough_scale():
+    x = rand(3, 3)
+    torch.testing.assert_close(call("passthrough", [x], None, scale=[0.5]), 0.5 * x)
+
+
+# ------------------------------------------------------------------------------------------- registry contract
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_honours_the_contract(name):
+    """scikit-learn's check_estimator, for merge methods: shape kept, finite, inputs untouched, reproducible."""
+    method = REGISTRY[name]
+    base = rand(16, 12, seed=0)
+    count = method.max_models or max(3, method.min_models)
+    xs = [base + 0.1 * rand(16, 12, seed=i + 1) for i in range(count)]
+    params = {}
+    for spec in method.params.values():
+        if spec.required:
+            params[spec.name] = [0.5] * count if spec.scope.per_model else 0.5
+    if "density" in method.params:
+        params["density"] = [0.5] * count
+    copies = [x.clone() for x in xs], base.clone()
+    out = call(name, xs, base if method.base != "ignored" else None, **params)
+    again = call(name, xs, base if method.base != "ignored" else None, **params)
+    assert out.shape == base.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, again)
+    assert all(torch.equal(a, b) for a, b in zip(xs, copies[0])) and torch.equal(base, copies[1])
+    assert method.paper.startswith("http") and method.summary
+    for spec in method.params.values():
+        assert spec.kind in (float, bool)
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ConfigError, match="valid methods: .*ties"):
+        get_method("tie")
+
+
+def test_registry_refuses_duplicates():
+    from posthoc.merge.registry import register
+
+    with pytest.raises(ValueError, match="twice"):
+        register(REGISTRY["linear"])
