@@ -19,3 +19,11 @@ class IncompatibleError(PosthocError):
 
 class ConfigError(PosthocError):
     """A merge config, recipe or parameter is invalid (unknown method or key, value out of range)."""
+
+
+class AssetError(PosthocError):
+    """A packaged real model or data set is not installed; the message names the pip command that installs it."""
+
+
+class DataError(PosthocError):
+    """A data set is empty, malformed, or cannot be split or subset as asked."""

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from posthoc.errors import ConfigError
-from posthoc.merge import REGISTRY, get_method
-from posthoc.merge.sparsify import kth_largest, top_k_mask
+from posthoc.merge import REGISTRY, get_method, sparsify
 
 
 def rand(*shape, seed=0):
@@ -33,18 +32,41 @@ def call(name, tensors, base, **params):
 # ------------------------------------------------------------------------------------------- kernels
 
 
+@pytest.fixture(params=[sparsify.CHUNK_ELEMENTS, 64], ids=["one-chunk", "many-chunks"])
+def chunked(request, monkeypatch):
+    """Run the task-arithmetic family with its default chunks and with tiny ones (exercises the streaming)."""
+    monkeypatch.setattr(sparsify, "CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+def top_k_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    flat = values.reshape(-1)
+    chunks = [slice(i, min(i + chunk, flat.numel())) for i in range(0, flat.numel(), chunk)]
+    top = sparsify.TopK(k, flat.numel())
+    sparsify.fit_top_k(lambda: ((s, flat[s]) for s in chunks), [top])
+    top.restart()
+    return torch.cat([top.mask(flat[s].abs()) for s in chunks])
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 10**6])
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 1), (1000, 999), (100_000, 20_000)])
-def test_kth_largest_matches_sort(n, k):
-    values = rand(n, seed=n).abs()
-    assert kth_largest(values, k) == torch.sort(values, descending=True).values[k - 1]
+def test_top_k_matches_sort(n, k, chunk):
+    values = rand(n, seed=n)
+    mask = top_k_mask(values, k, chunk)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[torch.argsort(values.abs(), descending=True, stable=True)[:k]] = True
+    assert torch.equal(mask, expected)
 
 
-def test_top_k_mask_keeps_exactly_k_with_ties_broken_by_index():
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_top_k_keeps_exactly_k_with_ties_broken_by_index(chunk):
     values = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5])
-    mask = top_k_mask(values, 3)
-    assert mask.tolist() == [False, True, True, True, False, False]
-    bf16_like = (rand(50_000, seed=3) * 1e-3).bfloat16().float().abs()  # many equal magnitudes
-    assert int(top_k_mask(bf16_like, 10_000).sum()) == 10_000
+    assert top_k_mask(values, 3, chunk).tolist() == [False, True, True, True, False, False]
+    bf16_like = (rand(50_000, seed=3) * 1e-3).bfloat16().float()  # many equal magnitudes
+    mask = top_k_mask(bf16_like, 10_000, chunk)
+    expected = torch.zeros(50_000, dtype=torch.bool)
+    expected[torch.argsort(bf16_like.abs(), descending=True, stable=True)[:10_000]] = True
+    assert torch.equal(mask, expected)
 
 
 # ------------------------------------------------------------------------------------------- linear family
@@ -58,7 +80,7 @@ def test_linear_weighted_average():
     torch.testing.assert_close(call("linear", xs, None, weight=w, normalize=False), expected * sum(w))
 
 
-def test_task_arithmetic_formula():
+def test_task_arithmetic_formula(chunked):
     base = rand(6, 7, seed=9)
     xs = [base + 0.1 * rand(6, 7, seed=i) for i in range(3)]
     w = [0.3, 0.6, -0.2]
@@ -90,7 +112,7 @@ def numpy_ties(base, xs, weights, densities, normalize=True, lam=1.0):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ties_matches_reference(normalize):
+def test_ties_matches_reference(normalize, chunked):
     base = rand(20, 30, seed=1)
     xs = [base + rand(20, 30, seed=10 + i) * 0.05 for i in range(3)]
     w, dens = [0.5, 1.0, 0.7], [0.2, 0.5, 0.1]
@@ -98,13 +120,13 @@ def test_ties_matches_reference(normalize):
     torch.testing.assert_close(got, numpy_ties(base, xs, w, dens, normalize), atol=1e-6, rtol=1e-5)
 
 
-def test_ties_all_zero_deltas_return_base():
+def test_ties_all_zero_deltas_return_base(chunked):
     base = rand(5, 5)
     got = call("ties", [base.clone(), base.clone()], base, weight=[1.0, 1.0], density=[0.5, 0.5])
     torch.testing.assert_close(got, base)
 
 
-def test_breadcrumbs_keeps_the_middle_band():
+def test_breadcrumbs_keeps_the_middle_band(chunked):
     base = torch.zeros(1000)
     x = rand(1000, seed=4)
     got = call("breadcrumbs", [x], base, weight=[1.0], density=[0.3], gamma=[0.1])
@@ -118,7 +140,7 @@ def test_breadcrumbs_keeps_the_middle_band():
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_drops_at_random_and_rescales_l1(method):
+def test_dare_drops_at_random_and_rescales_l1(method, chunked):
     base = rand(200, 300, seed=2)
     x = base + 0.01 * rand(200, 300, seed=3)
     got = call(method, [x], base, weight=[1.0], density=[0.3], seed=7)
@@ -133,7 +155,7 @@ def test_dare_drops_at_random_and_rescales_l1(method):
     assert torch.equal(got, again) and not torch.equal(got, other)
 
 
-def test_della_keeps_large_entries_more_often():
+def test_della_keeps_large_entries_more_often(chunked):
     base = torch.zeros(400, 500)
     x = rand(400, 500, seed=5)
     got = call("della_linear", [x], base, weight=[1.0], density=[0.5], epsilon=[0.3], rescale=False)
@@ -253,3 +275,14 @@ def test_registry_refuses_duplicates():
 
     with pytest.raises(ValueError, match="twice"):
         register(REGISTRY["linear"])
+
+
+def test_ties_rescale_preserves_l1_and_accepts_bf16(chunked):
+    base = rand(30, 20, seed=1).bfloat16()
+    x = (base.float() + 0.05 * rand(30, 20, seed=2)).bfloat16()
+    got = call("ties", [x], base, weight=[1.0], density=[0.25], rescale=True)
+    assert got.dtype == torch.float32
+    delta = x.float() - base.float()
+    kept = numpy_ties(base.float(), [x.float()], [1.0], [0.25]) - base.float()
+    ratio = delta.abs().sum() / kept.abs().sum()
+    torch.testing.assert_close(got, base.float() + kept * ratio, atol=1e-6, rtol=1e-5)

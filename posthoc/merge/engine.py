@@ -63,10 +63,6 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _compute_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def merge(
     config: MergeConfig,
     out_dir: str | os.PathLike[str],
@@ -230,15 +226,12 @@ def _merge_one(
             if not torch.equal(tensor, every[0]):
                 raise IncompatibleError(f"tensor {name}: integer tensor differs in {model}; it cannot be merged")
         return every[0]
-    compute = _compute_dtype([t.dtype for t in every])
-    base_c = base.to(compute) if base is not None else None
-    tensors_c = [t.to(compute) for t in tensors]
     kwargs = dict(params)
     if method.randomized:
         kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
-    out = method.fn(tensors_c, base_c, **kwargs)
+    out = method.fn(tensors, base, **kwargs)
     if not torch.isfinite(out).all():
-        culprits = [m for m, t in zip([*([base_ref] if base is not None else []), *models], every) if not torch.isfinite(t.to(compute)).all()]
+        culprits = [m for m, t in zip([*([base_ref] if base is not None else []), *models], every) if not torch.isfinite(t).all()]
         why = f"input {culprits[0]} already holds NaN/Inf there" if culprits else "check weights that sum to zero with normalize"
         raise OutputError(f"tensor {name}: {method.name} produced NaN/Inf ({why}); nothing was written")
     return out

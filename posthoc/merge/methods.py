@@ -3,7 +3,8 @@
 Conventions shared by every method:
 - `tensors` are the non-base inputs in config order (for methods whose base is "ignored", a configured
   base is simply one more entry of `tensors`), `base` is the base tensor or None.
-- All arithmetic is float32 (float64 when the inputs are float64); the engine casts inputs and outputs.
+- Inputs arrive in their stored floating dtype (or the config's `dtype`); all arithmetic is float32
+  (float64 when an input is float64) and the result is returned in that dtype; the engine casts it.
 - Parameter names, defaults and semantics follow mergekit 0.1.5, so its YAML files mean the same here.
 """
 
@@ -41,9 +42,9 @@ def linear(
     normalize: bool = True,
 ) -> torch.Tensor:
     """Weighted average (model soup): Σ wᵢθᵢ, divided by Σ wᵢ when normalize."""
-    out = torch.zeros_like(tensors[0])
+    out = torch.zeros(tensors[0].shape, dtype=_compute_dtype(*tensors))
     for tensor, w in zip(tensors, weight):
-        out.add_(tensor, alpha=w)
+        out.add_(tensor.to(out.dtype), alpha=w)
     if normalize:
         out /= sum(weight)
     return out
@@ -68,46 +69,81 @@ def task_arithmetic_family(
     """θ₀ + λ · combine(wᵢ · sparsify(θᵢ − θ₀)): task arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
     sparsification: None | "magnitude" (TIES) | "random" (DARE) | "breadcrumbs" | "della".
-    consensus: TIES sign election, then the disjoint mean over agreeing inputs.
-    normalize: divide by the sum of weights (of agreeing inputs, with consensus).
+    consensus: TIES sign election, then the mean over the inputs that agree with the elected sign.
+    normalize: divide by the sum of weights (of the agreeing inputs, with consensus).
     int8_mask only changed the dtype of mergekit's mask and has no effect on the result.
+    Runs chunk by chunk of whole rows (see `sparsify`), fitting whole-tensor selections first.
     """
-    weighted = []
-    for i, (tensor, w) in enumerate(zip(tensors, weight)):
-        delta = tensor - base
+    compute = _compute_dtype(base, *tensors)
+    shape, n = base.shape, base.numel()
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    chunks = sparsify.row_chunks(shape, sparsify.CHUNK_ELEMENTS)
+    row = n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
+
+    def delta_chunks(i: int) -> sparsify.Chunks:
+        def passes():
+            for s in chunks:
+                yield s, flats[i][s].to(compute) - flat_base[s].to(compute)
+
+        return passes
+
+    selections = []
+    for i in range(len(tensors)):
         d = density[i] if density is not None else 1.0
         if sparsification == "magnitude":
-            mask = sparsify.magnitude_mask(delta, d)
+            selection = sparsify.magnitude_selection(delta_chunks(i), n, d, rescale)
         elif sparsification == "random":
-            mask = sparsify.random_mask(delta, d, generator)
+            selection = sparsify.random_selection(delta_chunks(i), n, d, rescale, generator)
         elif sparsification == "breadcrumbs":
-            mask = sparsify.breadcrumbs_mask(delta, d, gamma[i] if gamma is not None else 0.01)
+            selection = sparsify.breadcrumbs_selection(delta_chunks(i), n, d, gamma[i], rescale)
         elif sparsification == "della":
-            mask = sparsify.della_mask(delta, d, epsilon[i] if epsilon is not None else 0.15, generator)
+            selection = sparsify.della_selection(delta_chunks(i), n, row, d, epsilon[i], rescale, generator)
         else:
-            mask = None
-        delta = sparsify.apply_mask(delta, mask, rescale)
-        delta *= w
-        weighted.append(delta)
-    if consensus:
-        agree = sparsify.sign_consensus(weighted)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for delta, mask, w in zip(weighted, agree, weight):
-            mixed += delta * mask
-            divisor += mask * w
-        divisor[divisor == 0] = 1.0
-    else:
-        mixed = weighted[0]
-        for delta in weighted[1:]:
-            mixed += delta
-        total = sum(weight)
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+            selection = sparsify.Selection(lambda s, delta: None)
+        selection.restart()
+        selections.append(selection)
+
+    total_weight = sum(weight)
+    out = torch.empty(n, dtype=compute)
+    for s in chunks:
+        b = flat_base[s].to(compute)
+        weighted = []
+        for x, selection, w in zip(flats, selections, weight):
+            delta = x[s].to(compute) - b
+            mask = selection.mask(s, delta)
+            if mask is not None:
+                delta *= mask
+            delta *= w * selection.scale
+            weighted.append(delta)
+        if consensus:
+            mixed = torch.zeros_like(b)
+            divisor = torch.zeros_like(b)
+            for delta, agree, w in zip(weighted, sparsify.sign_consensus(weighted), weight):
+                mixed += delta * agree
+                divisor += agree * w
+            divisor[divisor == 0] = 1.0
+        else:
+            mixed = weighted[0]
+            for delta in weighted[1:]:
+                mixed += delta
+            divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[s] = b + mixed
+    return out.reshape(shape)
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float32 arithmetic, or float64 when an input is float64 (inputs may arrive in bf16/fp16)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    compute = _compute_dtype(*tensors)
+    return [None if t is None else t.to(compute) for t in tensors]
 
 
 # The family as configurations of one kernel: (name, sparsification, consensus, normalize, rescale, paper).
@@ -194,7 +230,7 @@ def slerp(
     t: Fraction = Required,
 ) -> torch.Tensor:
     """Spherical interpolation between the base (t = 0) and the other model (t = 1)."""
-    a, b = base, tensors[0]
+    a, b = _upcast(base, tensors[0])
     if a.numel() == 0:
         return (1 - t) * a + t * b
     na, nb = _flat_norm(a), _flat_norm(b)
@@ -219,6 +255,7 @@ def multislerp(
     eps: Positive = 1e-8,
 ) -> torch.Tensor:
     """Weighted spherical barycenter of several models (of their task vectors when a base is given)."""
+    base, *tensors = _upcast(base, *tensors)
     if len(tensors) == 1:
         return tensors[0].clone()
     shape = tensors[0].shape
@@ -251,6 +288,7 @@ def model_stock(
     filter_wise: bool = False,
 ) -> torch.Tensor:
     """Model Stock: average of the fine-tunes pulled towards the base by their task vectors' angle."""
+    base, *tensors = _upcast(base, *tensors)
     n = len(tensors)
     shape = base.shape
     if filter_wise:
@@ -281,4 +319,5 @@ def passthrough(
     scale: PerModel = 1.0,
 ) -> torch.Tensor:
     """Copy the single input, optionally scaled."""
-    return tensors[0] * scale[0] if scale[0] != 1.0 else tensors[0].clone()
+    (tensor,) = _upcast(tensors[0])
+    return tensor * scale[0] if scale[0] != 1.0 else tensor.clone()
