@@ -178,9 +178,9 @@ def test_check_command_reports_and_exits(llama_family, bert_family, tmp_path):
 @pytest.mark.real
 def test_real_minilm_ties_merge(tmp_path):
     """The packaged all-MiniLM-L6-v2 with two perturbed copies: formula check and a sentence embedding."""
-    from posthoc.assets import minilm_dir
     from transformers import AutoModel, AutoTokenizer
 
+    from posthoc.assets import minilm_dir
     from posthoc.checkpoint import open_checkpoint, save_state_dict
 
     base = minilm_dir()
@@ -206,3 +206,48 @@ def test_real_minilm_ties_merge(tmp_path):
     a = model(**batch).last_hidden_state.mean(1)
     b = original(**batch).last_hidden_state.mean(1)
     assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
+
+
+def _save_tokenizer(directory, tokens):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(directory)
+
+
+def test_vocabulary_alignment_by_token(tmp_path):
+    """Models with different vocabularies merge over the base's tokenizer, rows matched by token string."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(vocab_size=64))
+    base.save_pretrained(tmp_path / "base")
+    _save_tokenizer(tmp_path / "base", words)
+    # The other model knows two more words and stores its rows in reverse order.
+    other_words = list(reversed(words)) + ["new0", "new1"]
+    other = LlamaForCausalLM(tiny_llama_config(vocab_size=66))
+    other.save_pretrained(tmp_path / "other")
+    _save_tokenizer(tmp_path / "other", other_words)
+
+    data = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+            "models": [{"model": str(tmp_path / "other"), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(Exception, match="vocabulary sizes differ.*64 rows.*66"):
+        merge_checkpoints(MergeConfig.from_dict(data), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+    merge_checkpoints(MergeConfig.from_dict({**data, "tokenizer": {"source": "base"}}), tmp_path / "out", progress=False)
+    out, b, o = read_all(tmp_path / "out"), read_all(tmp_path / "base"), read_all(tmp_path / "other")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape == (64, 32)
+        for token_id in (0, 5, 63):
+            other_row = o[name][other_words.index(words[token_id])]
+            expected = b[name][token_id] + 0.5 * (other_row - b[name][token_id])
+            torch.testing.assert_close(out[name][token_id], expected)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(out[name], b[name] + 0.5 * (o[name] - b[name]))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]["w4"] == 5

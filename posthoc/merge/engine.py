@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +35,8 @@ from posthoc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024  # float32 bytes of one input above which element-wise methods go by rows
+DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # float32 bytes of one input above which element-wise methods go by rows
+READ_AHEAD_BYTES = 128 * 1024 * 1024  # inputs of the next tensor are read during this one only below this size
 
 
 @dataclass
@@ -90,7 +91,8 @@ def merge(
         reference = base or inputs[0]
         # The output location is checked before any heavy work, and again by the writer.
         ckpt_io.check_output_location(Path(out_dir), [c.directory for c in opened.values()], force)
-        report = check_compatible(list(opened.values()), reference=reference)
+        # Tokenizers are only loaded when vocabularies must be aligned (`posthoc check` reports their sizes).
+        report = check_compatible(list(opened.values()), reference=reference, with_tokenizer=False)
         alignment = None
         if config.tokenizer_source is not None:
             source = config.tokenizer_source
@@ -142,8 +144,13 @@ def merge(
             ckpt_io.CheckpointWriter(out_dir, specs, shard_size=shard_size, force=force, protect=[c.directory for c in opened.values()]) as writer,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-read") as reader,
         ):
+            def input_bytes(item: _Item) -> int:
+                info = reference.tensors[item.name]
+                rows = (item.rows.stop - item.rows.start) / info.shape[0] if item.rows else 1.0
+                return int(info.nbytes * rows * len(opened))
+
             with progress_bar(len(items), f"merge ({method.name})", "tensor", enabled=progress) as bar:
-                for item, (base_tensor, tensors) in _read_ahead(reader, items, load):
+                for item, (base_tensor, tensors) in _read_ahead(reader, items, load, input_bytes):
                     out = _merge_one(
                         config, item.name, base_tensor, tensors, params[item.name], seed, [e.model for e in entries], base_ref
                     )
@@ -200,13 +207,19 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
-def _read_ahead(pool: ThreadPoolExecutor, items: list[_Item], load) -> Iterator[tuple[_Item, Any]]:
-    """Yield (item, loaded inputs) while the next item is being read on the other thread."""
+def _read_ahead(
+    pool: ThreadPoolExecutor, items: list[_Item], load: Callable[[_Item], Any], size: Callable[[_Item], int]
+) -> Iterator[tuple[_Item, Any]]:
+    """Yield (item, loaded inputs); the next item is read on the other thread while this one is merged,
+    unless both together are large (then memory wins over overlap)."""
     pending: Future | None = pool.submit(load, items[0]) if items else None
     for i, item in enumerate(items):
-        current = pending.result()
-        pending = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
+        current = pending.result() if pending is not None else load(item)
+        pending = None
+        if i + 1 < len(items) and size(item) + size(items[i + 1]) <= READ_AHEAD_BYTES:
+            pending = pool.submit(load, items[i + 1])
         yield item, current
+        del current
 
 
 def _merge_one(
