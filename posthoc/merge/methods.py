@@ -78,61 +78,82 @@ def task_arithmetic_family(
     shape, n = base.shape, base.numel()
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
-    chunks = sparsify.row_chunks(shape, sparsify.CHUNK_ELEMENTS)
+    chunks = sparsify.row_chunks(shape)
     row = n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
+    cache: dict[int, torch.Tensor] = {}  # a tensor that is one chunk keeps its task vectors between passes
 
-    def delta_chunks(i: int) -> sparsify.Chunks:
-        def passes():
-            for s in chunks:
-                yield s, flats[i][s].to(compute) - flat_base[s].to(compute)
+    single = len(chunks) == 1
+    base_chunk: dict[int, torch.Tensor] = {}
 
-        return passes
+    def base_of(s: slice) -> torch.Tensor:
+        if s.start not in base_chunk:
+            base_chunk.clear()
+            base_chunk[s.start] = flat_base[s].to(compute)
+        return base_chunk[s.start]
+
+    def delta(i: int, s: slice) -> torch.Tensor:
+        if i in cache:
+            return cache[i]
+        d = torch.sub(flats[i][s], base_of(s))  # promotes to the compute dtype on the fly
+        if single:
+            cache[i] = d
+        return d
+
+    def passes(i: int) -> sparsify.Chunks:
+        return lambda: ((s, delta(i, s)) for s in chunks)
 
     selections = []
     for i in range(len(tensors)):
         d = density[i] if density is not None else 1.0
         if sparsification == "magnitude":
-            selection = sparsify.magnitude_selection(delta_chunks(i), n, d, rescale)
-        elif sparsification == "random":
-            selection = sparsify.random_selection(delta_chunks(i), n, d, rescale, generator)
+            selection = sparsify.magnitude_selection(passes(i), n, d, rescale)
         elif sparsification == "breadcrumbs":
-            selection = sparsify.breadcrumbs_selection(delta_chunks(i), n, d, gamma[i], rescale)
+            selection = sparsify.breadcrumbs_selection(passes(i), n, d, gamma[i], rescale)
+        elif sparsification == "random":
+            selection = sparsify.random_selection(passes(i), n, d, rescale, generator)
         elif sparsification == "della":
-            selection = sparsify.della_selection(delta_chunks(i), n, row, d, epsilon[i], rescale, generator)
+            selection = sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generator)
         else:
-            selection = sparsify.Selection(lambda s, delta: None)
-        selection.restart()
+            selection = sparsify.KEEP_ALL
         selections.append(selection)
 
     total_weight = sum(weight)
-    out = torch.empty(n, dtype=compute)
+    out = torch.empty(n if not single else 0, dtype=compute)
     for s in chunks:
-        b = flat_base[s].to(compute)
-        weighted = []
-        for x, selection, w in zip(flats, selections, weight):
-            delta = x[s].to(compute) - b
-            mask = selection.mask(s, delta)
-            if mask is not None:
-                delta *= mask
-            delta *= w * selection.scale
-            weighted.append(delta)
+        kept = []
+        for i, selection in enumerate(selections):
+            kept.append(selection.keep(s, delta(i, s)))
+        cache.clear()
+        # Each input contributes wᵢ·scaleᵢ·δᵢ (scale: the rescale of its selection).
+        contributions = [w * sel.scale for w, sel in zip(weight, selections)]
+        mixed = kept[0] * contributions[0]
+        for d, c in zip(kept[1:], contributions[1:]):
+            mixed.add_(d, alpha=c)
         if consensus:
-            mixed = torch.zeros_like(b)
-            divisor = torch.zeros_like(b)
-            for delta, agree, w in zip(weighted, sparsify.sign_consensus(weighted), weight):
-                mixed += delta * agree
-                divisor += agree * w
-            divisor[divisor == 0] = 1.0
+            # Σ over agreeing inputs of cᵢδᵢ = e · Σ cᵢ·max(e·δᵢ, 0) for the elected sign e (cᵢ > 0 here).
+            elected = sparsify.elected_sign(mixed)
+            mixed.zero_()
+            divisor = torch.zeros_like(mixed)
+            for d, c, w in zip(kept, contributions, weight):
+                if c == 0:
+                    continue
+                aligned = d.mul_(elected if c > 0 else -elected).clamp_(min=0)
+                mixed.add_(aligned, alpha=abs(c))
+                divisor.add_(aligned.sign_(), alpha=w)  # aligned ≥ 0, so its sign is the agreement 0/1
+            mixed *= elected
+            if all(w > 0 for w in weight):  # a zero divisor then means nothing agreed and mixed is 0 there
+                divisor.clamp_(min=1e-30)
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
         else:
-            mixed = weighted[0]
-            for delta in weighted[1:]:
-                mixed += delta
             divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
         if normalize:
             mixed /= divisor
         if lambda_ != 1:
             mixed *= lambda_
-        out[s] = b + mixed
+        if single:
+            return mixed.add_(base_of(s)).reshape(shape)
+        torch.add(mixed, base_of(s), out=out[s])
     return out.reshape(shape)
 
 

@@ -1,143 +1,160 @@
 """Kernels of the task-arithmetic family: select entries of a task vector, rescale, vote on signs.
 
-Task vectors are processed in chunks of whole rows (about a million entries each), so merging an
-embedding matrix never holds more than the inputs, the output and a few chunk-sized temporaries.
-Selections that depend on the whole tensor (the top-k magnitudes of TIES and breadcrumbs, the L1 norms of
-a rescale) are fitted in a first pass over the chunks and applied in the second:
+Task vectors are processed in chunks of whole rows, so merging an embedding matrix never holds more than
+the inputs, the output and a few chunk-sized temporaries. Selections that depend on the whole tensor
+(the top-k magnitudes of TIES and breadcrumbs, the L1 norms of a rescale) are fitted first:
 
-- `TopK` finds the k-th largest magnitude exactly without sorting: a histogram of the top 16 bits of the
-  float32 bit patterns (order-preserving for non-negative floats) locates the bucket that holds it, and
-  only that bucket's values are compared. Among equal magnitudes at the threshold, the lowest flat indices
-  are kept, so exactly k entries survive whatever the chunking.
+- `TopK` finds the k largest magnitudes exactly without sorting. A histogram of the top 16 bits of the
+  float32 bit patterns (order-preserving for non-negative floats) locates the bucket that holds the k-th
+  largest value in one pass; a second pass collects that bucket's values only, and `kthvalue` on them
+  gives the exact threshold. Among entries equal to the threshold the lower flat indices are kept, so
+  exactly k entries survive whatever the chunking (ties are common: bf16 task vectors take few values).
 - Random selections (DARE, DELLA) draw from a generator whose state is saved after fitting and replayed,
   so both passes see the same mask and a seed gives the same merge.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 20
-_BUCKET_SHIFT = 16
-_BUCKETS = 1 << (31 - _BUCKET_SHIFT)  # non-negative float32 patterns, NaN included, have the top bit clear
+CHUNK_ELEMENTS = 1 << 22
+_SHIFT = 16
+_BUCKETS = 1 << (31 - _SHIFT)  # non-negative float32 bit patterns (NaN included) have the top bit clear
 
 Chunks = Callable[[], Iterator[tuple[slice, torch.Tensor]]]  # a fresh pass: (flat slice, delta chunk)
 
 
-def row_chunks(shape: torch.Size | tuple[int, ...], chunk_elements: int = CHUNK_ELEMENTS) -> list[slice]:
+def row_chunks(shape: torch.Size | tuple[int, ...], chunk_elements: int | None = None) -> list[slice]:
     """Flat slices of whole rows (rows = first dimension) holding about `chunk_elements` entries each."""
-    n = 1
-    for s in shape:
-        n *= s
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
+    n = math.prod(shape)
     if n == 0:
         return []
-    row = n // shape[0] if len(shape) > 1 and shape[0] else n
-    rows_per_chunk = max(1, chunk_elements // row)
-    step = rows_per_chunk * row
+    row = n // shape[0] if len(shape) > 1 else n
+    step = max(1, chunk_elements // row) * row
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _magnitude(delta: torch.Tensor) -> torch.Tensor:
+    return delta.abs().reshape(-1)
+
+
 def _buckets(magnitude: torch.Tensor) -> torch.Tensor:
-    return magnitude.to(torch.float32).view(torch.int32) >> _BUCKET_SHIFT
+    """Histogram bucket of each magnitude (float64 magnitudes are bucketed by their float32 rounding, which
+    preserves order)."""
+    return magnitude.to(torch.float32).view(torch.int32) >> _SHIFT
+
+
+def _just_below(value: float, dtype: torch.dtype) -> float:
+    """The largest number of `dtype` below `value`: hardshrink(x, it) keeps |x| ≥ value."""
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
 
 
 class TopK:
-    """Keep the k entries of largest magnitude over a whole tensor that arrives in chunks."""
+    """The k entries of largest magnitude of a tensor that arrives in chunks: those above `threshold`, and
+    those equal to it at flat positions below `cut`."""
 
     def __init__(self, k: int, n: int):
         self.k, self.n = k, n
-        self.threshold = 0.0
-        self.quota = 0  # how many entries equal to the threshold are kept (the first ones by index)
+        self.threshold = math.inf
+        self.cut = 0
         self.kept_l1 = 0.0
         self._bucket = -1
-        self._above = 0
-        self._above_l1 = 0.0
-        self._seen_ties = 0
+        self._rank = 0  # rank of the threshold inside its bucket, from the top
 
     @property
-    def keeps_all(self) -> bool:
-        return self.k >= self.n
+    def trivial(self) -> bool:
+        return self.k <= 0 or self.k >= self.n
 
-    def locate(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """Pick the bucket of the k-th largest value from the histogram of the whole tensor."""
-        if self.k <= 0 or self.keeps_all:
-            return
-        from_top = counts.flip(0).cumsum(0)
-        position = int(torch.searchsorted(from_top, torch.tensor(self.k, dtype=from_top.dtype)))
-        self._bucket = _BUCKETS - 1 - position
-        self._above = int(from_top[position] - counts[self._bucket])
-        self._above_l1 = float(sums[self._bucket + 1 :].sum())
+    def keep(self, s: slice, delta: torch.Tensor) -> torch.Tensor:
+        """The chunk `s` of the task vector with every entry outside the selection set to zero.
 
-    def settle(self, inside: torch.Tensor) -> None:
-        """Exact threshold from the values that fell in the chosen bucket."""
-        if self.k <= 0 or self.keeps_all:
-            return
-        rank = self.k - self._above  # rank of the threshold inside the bucket, from the top
-        value = torch.kthvalue(inside, inside.numel() - rank + 1).values
-        greater = inside > value
-        self.threshold = float(value)
-        self.quota = rank - int(greater.sum())
-        self.kept_l1 = self._above_l1 + float(inside[greater].sum()) + self.quota * self.threshold
-
-    def restart(self) -> None:
-        self._seen_ties = 0
-
-    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """Mask of one chunk; chunks must come in order (ties are kept by index, across chunks)."""
-        if self.keeps_all:
-            return torch.ones_like(magnitude, dtype=torch.bool)
+        hardshrink(x, λ) keeps |x| > λ in one fused operation; before `cut` the ties are kept too, which is
+        hardshrink with λ just below the threshold.
+        """
         if self.k <= 0:
-            return torch.zeros_like(magnitude, dtype=torch.bool)
-        keep = magnitude > self.threshold
-        ties = magnitude == self.threshold
-        count = int(ties.sum())
-        if count:
-            remaining = self.quota - self._seen_ties
-            if remaining < count:
-                ties &= torch.cumsum(ties, 0) <= max(remaining, 0)
-            keep |= ties
-            self._seen_ties += count
-        return keep
+            return torch.zeros_like(delta)
+        if self.k >= self.n:
+            return delta
+        end = min(max(self.cut - s.start, 0), delta.numel())
+        if end == 0:
+            return torch.nn.functional.hardshrink(delta, self.threshold)
+        below = _just_below(self.threshold, delta.dtype) if self.threshold > 0 else -1.0
+        if end == delta.numel():
+            return torch.nn.functional.hardshrink(delta, below)
+        return torch.cat(
+            [
+                torch.nn.functional.hardshrink(delta[:end], below),
+                torch.nn.functional.hardshrink(delta[end:], self.threshold),
+            ]
+        )
 
 
-def fit_top_k(chunks: Chunks, selections: list[TopK]) -> float:
-    """Two passes: histogram, then the bucket values; fits every selection. Returns Σ|delta|."""
-    active = [s for s in selections if 0 < s.k < s.n]
+def fit_top_k(chunks: Chunks, selections: list[TopK], with_l1: bool = False) -> float:
+    """Fit the selections in two passes over the chunks (three with `with_l1`: then the L1 norm each keeps
+    is computed too, and Σ|delta| over the whole tensor is returned; else 0)."""
+    active = [s for s in selections if not s.trivial]
     counts = torch.zeros(_BUCKETS, dtype=torch.int64)
-    sums = torch.zeros(_BUCKETS, dtype=torch.float64)
     total = 0.0
-    for _, delta in chunks():
-        magnitude = delta.abs()
-        buckets = _buckets(magnitude).reshape(-1)
-        counts += torch.bincount(buckets, minlength=_BUCKETS)
-        sums += torch.bincount(buckets, weights=magnitude.reshape(-1).double(), minlength=_BUCKETS)
-        total += float(magnitude.sum(dtype=torch.float64))
+    cached: dict[int, torch.Tensor] = {}  # bucket keys of a tensor that is a single chunk
+    n = selections[0].n if selections else 0
+    for s, delta in chunks():
+        magnitude = _magnitude(delta)
+        keys = _buckets(magnitude)
+        counts += torch.bincount(keys, minlength=_BUCKETS)
+        if s.stop - s.start == n:  # the whole tensor: keep the keys for the second pass
+            cached[s.start] = keys
+        if with_l1:
+            total += float(magnitude.sum(dtype=torch.float64))
     if not active:
         return total
+    from_top = counts.flip(0).cumsum(0)
     for selection in active:
-        selection.locate(counts, sums)
-    wanted = {s._bucket for s in active}
-    inside: dict[int, list[torch.Tensor]] = {b: [] for b in wanted}
-    for _, delta in chunks():
-        magnitude = delta.abs().reshape(-1)
-        buckets = _buckets(magnitude)
-        for b in wanted:
-            inside[b].append(magnitude[buckets == b])
+        position = int(torch.searchsorted(from_top, torch.tensor(selection.k, dtype=from_top.dtype)))
+        selection._bucket = _BUCKETS - 1 - position
+        selection._rank = selection.k - int(from_top[position] - counts[selection._bucket])
+    # Second pass: positions and values of the entries in each selection's bucket (few, unless they tie).
+    found: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {s._bucket: ([], []) for s in active}
+    for s, delta in chunks():
+        flat = delta.reshape(-1)
+        keys = cached.pop(s.start, None)
+        if keys is None:
+            keys = _buckets(_magnitude(flat))
+        for bucket, (positions, values) in found.items():
+            inside = torch.nonzero(keys == bucket).squeeze(1)
+            positions.append(inside + s.start)
+            values.append(_magnitude(flat[inside]))
     for selection in active:
-        selection.settle(torch.cat(inside[selection._bucket]))
+        positions = torch.cat(found[selection._bucket][0])
+        values = torch.cat(found[selection._bucket][1])
+        threshold = torch.kthvalue(values, values.numel() - selection._rank + 1).values
+        ties_kept = selection._rank - int(torch.count_nonzero(values > threshold))
+        ties = positions[values == threshold]  # in position order
+        selection.threshold = float(threshold)
+        selection.cut = selection.n if ties_kept == ties.numel() else int(ties[ties_kept - 1]) + 1
+    if with_l1:
+        kept_l1 = {id(selection): 0.0 for selection in active}
+        for s, delta in chunks():
+            for selection in active:
+                kept_l1[id(selection)] += float(selection.keep(s, delta.reshape(-1)).abs().sum(dtype=torch.float64))
+        for selection in active:
+            selection.kept_l1 = kept_l1[id(selection)]
     return total
 
 
 @dataclass
 class Selection:
-    """How one task vector is sparsified: a per-chunk mask and the rescale factor of the kept entries."""
+    """How one task vector is sparsified: what is kept of each chunk, and the rescale factor of the kept."""
 
-    mask: Callable[[slice, torch.Tensor], torch.Tensor | None]
+    keep: Callable[[slice, torch.Tensor], torch.Tensor]  # (flat slice, delta chunk) -> the kept delta
     scale: float = 1.0
-    restart: Callable[[], None] = lambda: None
+
+
+KEEP_ALL = Selection(lambda s, delta: delta)
 
 
 def _l1_ratio(before: float, after: float) -> float:
@@ -148,10 +165,10 @@ def _l1_ratio(before: float, after: float) -> float:
 def magnitude_selection(chunks: Chunks, n: int, density: float, rescale: bool) -> Selection:
     """TIES trimming: keep the max(1, ⌊density·n⌋) entries of largest |delta|."""
     if density >= 1 or n == 0:
-        return Selection(lambda s, d: None)
+        return KEEP_ALL
     top = TopK(max(1, int(density * n)), n)
-    total = fit_top_k(chunks, [top])
-    return Selection(lambda s, d: top.mask(d.abs()), _l1_ratio(total, top.kept_l1) if rescale else 1.0, top.restart)
+    total = fit_top_k(chunks, [top], with_l1=rescale)
+    return Selection(top.keep, _l1_ratio(total, top.kept_l1) if rescale else 1.0)
 
 
 def breadcrumbs_selection(chunks: Chunks, n: int, density: float, gamma: float, rescale: bool) -> Selection:
@@ -160,23 +177,19 @@ def breadcrumbs_selection(chunks: Chunks, n: int, density: float, gamma: float, 
     When density + gamma > 1 fewer outliers are dropped, so ⌊density·n⌋ entries are always kept.
     """
     if density >= 1 or n == 0:
-        return Selection(lambda s, d: None)
+        return KEEP_ALL
     target = int(density * n)
     smallest = max(0, n - target - int(gamma * n))
     upper, outliers = TopK(n - smallest, n), TopK(n - smallest - target, n)
-    total = fit_top_k(chunks, [upper, outliers])
+    total = fit_top_k(chunks, [upper, outliers], with_l1=rescale)
 
-    def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
-        magnitude = delta.abs()
-        return upper.mask(magnitude) & ~outliers.mask(magnitude)
+    def keep(s: slice, delta: torch.Tensor) -> torch.Tensor:
+        return upper.keep(s, delta) - outliers.keep(s, delta)  # the outliers are in both: they cancel
 
-    def restart() -> None:
-        upper.restart()
-        outliers.restart()
+    def l1(top: TopK) -> float:
+        return 0.0 if top.k <= 0 else total if top.k >= n else top.kept_l1
 
-    kept = upper.kept_l1 if upper.k < n else total
-    kept -= outliers.kept_l1 if 0 < outliers.k < n else (total if outliers.k >= n else 0.0)
-    return Selection(mask, _l1_ratio(total, kept) if rescale else 1.0, restart)
+    return Selection(keep, _l1_ratio(total, l1(upper) - l1(outliers)) if rescale else 1.0)
 
 
 def _replayable(generator: torch.Generator | None) -> torch.Generator:
@@ -189,14 +202,13 @@ def random_selection(
 ) -> Selection:
     """DARE: keep each entry independently with probability `density`."""
     if density >= 1 or n == 0:
-        return Selection(lambda s, d: None)
+        return KEEP_ALL
     own = _replayable(generator)
-    state = own.get_state()
 
     def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
         return torch.rand(delta.shape, generator=own, dtype=torch.float32) < density
 
-    return _with_replay(chunks, mask, own, state, rescale)
+    return _with_replay(chunks, mask, own, rescale)
 
 
 def della_selection(
@@ -205,9 +217,8 @@ def della_selection(
     """DELLA (MagPrune): within each row, keep probability rises linearly with the magnitude's rank, from
     density − ε for the smallest entry to density + ε for the largest."""
     if density >= 1 or n == 0:
-        return Selection(lambda s, d: None)
+        return KEEP_ALL
     own = _replayable(generator)
-    state = own.get_state()
 
     def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
         rows = delta.reshape(-1, row)
@@ -216,10 +227,11 @@ def della_selection(
         keep = torch.rand(rows.shape, generator=own, dtype=torch.float32) < probability
         return keep.reshape(delta.shape)
 
-    return _with_replay(chunks, mask, own, state, rescale)
+    return _with_replay(chunks, mask, own, rescale)
 
 
-def _with_replay(chunks: Chunks, mask, own: torch.Generator, state: torch.Tensor, rescale: bool) -> Selection:
+def _with_replay(chunks: Chunks, mask, own: torch.Generator, rescale: bool) -> Selection:
+    state = own.get_state()
     scale = 1.0
     if rescale:  # a first pass for the norms; the generator is rewound so the second draws the same mask
         before = after = 0.0
@@ -228,14 +240,14 @@ def _with_replay(chunks: Chunks, mask, own: torch.Generator, state: torch.Tensor
             before += float(magnitude.sum(dtype=torch.float64))
             after += float((magnitude * mask(s, delta)).sum(dtype=torch.float64))
         scale = _l1_ratio(before, after)
-    return Selection(mask, scale, lambda: own.set_state(state))
+        own.set_state(state)
+    return Selection(lambda s, delta: delta * mask(s, delta), scale)
 
 
-def sign_consensus(weighted: list[torch.Tensor]) -> list[torch.Tensor]:
-    """TIES election: the sign of Σᵢ wᵢδᵢ per entry (≥ 0 counts as +); per input, the mask of its agreeing,
-    non-zero entries."""
-    total = weighted[0].clone()
-    for delta in weighted[1:]:
-        total += delta
-    positive = total >= 0
-    return [torch.where(positive, delta > 0, delta < 0) for delta in weighted]
+def elected_sign(weighted_sum: torch.Tensor) -> torch.Tensor:
+    """TIES election: +1 where Σᵢ wᵢδᵢ ≥ 0, else −1. An input agrees where its weighted delta has this sign
+    (zero deltas never agree, so they do not count in the disjoint mean).
+
+    (copysign gives −1 at −0.0, which only arises when every weighted delta is zero: nothing agrees there
+    either way.)"""
+    return torch.copysign(torch.ones((), dtype=weighted_sum.dtype), weighted_sum)
