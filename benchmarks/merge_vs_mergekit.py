@@ -28,6 +28,30 @@ comparing outputs and timing ``import torch`` all run in child processes
 (``--worker`` mode of this same file). The orchestrator's own peak RSS is
 printed as the floor under every RSS figure.
 
+Reading the numbers
+-------------------
+* Both tools get OMP_NUM_THREADS/MKL_NUM_THREADS = ``--threads`` (default 2);
+  mergekit also gets ``-j N`` (its only effect: ``torch.set_num_threads``).
+  Otherwise default flags (no ``--cuda``; ``--lazy-unpickle`` only matters for
+  pickled ``.bin`` inputs, and these are safetensors).
+* Wall time is the best of ``--repeat`` runs; user+sys CPU time is printed too
+  because it is less sensitive to other work on the machine. The 1-minute load
+  average before each run is printed, with a warning above ``LOAD_WARN``.
+* The synthetic models ship a trivial word-level tokenizer: without one,
+  mergekit spends ~3 s in a failing attempt to load/copy a tokenizer.
+* With the default ``--noise-rel 1e-3`` only ~22% of the bf16 elements of a
+  fine-tune differ from the base (the rest of the noise is below half an
+  ulp), and the deltas are quantized, so many have equal magnitudes: at TIES'
+  density cut-off the choice among equal magnitudes is up to the
+  implementation (mergekit uses an unstable ``argsort``).
+* "> 1 bf16 ulp" counts elements whose difference exceeds one bf16 ulp of
+  max(|mergekit|, |posthoc|); near-zero values from cancellation have tiny
+  ulps, so this count is dominated by them. With ``dtype: bfloat16`` mergekit
+  0.1.5 does its task-vector arithmetic (task_arithmetic, ties, dare_ties) in
+  bfloat16, weights included (0.3 becomes 0.30078125), so an implementation
+  that computes in float32 and rounds once differs from it by an ulp here and
+  there.
+
 Usage::
 
     .venv/bin/python benchmarks/merge_vs_mergekit.py
@@ -79,6 +103,7 @@ MODEL_SPEC: dict[str, Any] = {
 INIT_STD = 0.02
 MAX_SHARD_SIZE = "200MB"
 BASE_SEED = 1234
+LOAD_WARN = 0.5  # warn when the 1-minute load average before a timed run is above this
 
 
 # --------------------------------------------------------------------------- #
@@ -93,7 +118,9 @@ class RunResult:
     argv: list[str]
     returncode: int
     wall_s: float
+    cpu_s: float  # user + sys CPU seconds: less sensitive than wall time to other load on the machine
     maxrss_gb: float
+    load_before: float  # 1-minute load average just before the run (other work on the machine)
     log: str
 
     @property
@@ -118,6 +145,12 @@ class ToolJob:
         return min(ok) if ok else None
 
     @property
+    def cpu_s(self) -> float | None:
+        """Least CPU time (user + sys) over the successful runs."""
+        ok = [r.cpu_s for r in self.runs if r.ok]
+        return min(ok) if ok else None
+
+    @property
     def maxrss_gb(self) -> float | None:
         """Largest peak RSS over the successful runs."""
         ok = [r.maxrss_gb for r in self.runs if r.ok]
@@ -127,6 +160,7 @@ class ToolJob:
         return {
             "ok": self.ok,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "maxrss_gb": self.maxrss_gb,
             "runs": [asdict(r) for r in self.runs],
         }
@@ -157,16 +191,18 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def run_measured(argv: list[str], log_path: Path, env: dict[str, str]) -> RunResult:
-    """Run ``argv`` with Popen, reap it with os.wait4; return its wall time and peak RSS."""
+    """Run ``argv`` with Popen, reap it with os.wait4; return its wall time, CPU time and peak RSS."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
     with open(log_path, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it has been reaped
+    cpu = usage.ru_utime + usage.ru_stime
     # Linux reports ru_maxrss in KiB.
-    return RunResult(argv, proc.returncode, wall, usage.ru_maxrss / 1024**2, str(log_path))
+    return RunResult(argv, proc.returncode, wall, cpu, usage.ru_maxrss / 1024**2, load, str(log_path))
 
 
 def tail(path: str | Path, n: int = 25) -> str:
@@ -378,7 +414,12 @@ def worker_compare(params: dict[str, Any]) -> dict[str, Any]:
         "max_abs_diff": 0.0,
         "max_rel_diff": 0.0,
         "worst_tensor": None,
+        "worst_abs_element": None,
+        "max_ulps": 0.0,  # largest |diff| in bf16 ulps of max(|reference|, |candidate|)
+        "worst_ulp_element": None,
+        "n_nan_mismatch": 0,
         "n_tensors_identical": 0,
+        "per_tensor": {},  # only tensors that differ
     }
     dtypes_ref: set[str] = set()
     dtypes_new: set[str] = set()
@@ -398,19 +439,45 @@ def worker_compare(params: dict[str, Any]) -> dict[str, Any]:
             continue
         a, b = a_raw.float(), b_raw.float()
         del a_raw, b_raw
+        if not a.numel():
+            continue
+        nan_a, nan_b = torch.isnan(a), torch.isnan(b)
         diff = (a - b).abs()
-        max_diff = float(diff.max()) if diff.numel() else 0.0
-        scale = float(a.abs().max()) if a.numel() else 0.0
+        diff = torch.where(nan_a & nan_b, 0.0, diff)  # NaN in both: equal
+        diff = torch.where(nan_a ^ nan_b, float("inf"), diff)  # NaN in one only: infinitely different
+        ulps = diff / bf16_ulp(torch.maximum(a.abs(), b.abs()).nan_to_num(0.0))
+        max_diff = float(diff.max())
+        scale = float(a.abs().nan_to_num(0.0).max())
         rel = max_diff / scale if scale > 0 else (0.0 if max_diff == 0 else float("inf"))
-        ulp = bf16_ulp(torch.maximum(a.abs(), b.abs()))
-        over = int((diff > ulp).sum())
+        over = int((ulps > 1).sum())
         result["n_elements"] += a.numel()
         result["n_over_1ulp"] += over
+        result["n_nan_mismatch"] += int((nan_a ^ nan_b).sum())
         result["n_tensors_identical"] += int(max_diff == 0.0)
+        result["max_rel_diff"] = max(result["max_rel_diff"], rel)
+        if max_diff > 0:
+            result["per_tensor"][name] = {"max_abs_diff": max_diff, "max_rel_diff": rel, "n_over_1ulp": over}
         if max_diff > result["max_abs_diff"]:
+            i = int(diff.argmax())
             result["max_abs_diff"] = max_diff
             result["worst_tensor"] = name
-        result["max_rel_diff"] = max(result["max_rel_diff"], rel)
+            result["worst_abs_element"] = {
+                "tensor": name,
+                "flat_index": i,
+                "reference": float(a.view(-1)[i]),
+                "candidate": float(b.view(-1)[i]),
+            }
+        max_ulps = float(ulps.max())
+        if max_ulps > result["max_ulps"]:
+            i = int(ulps.argmax())
+            result["max_ulps"] = max_ulps
+            result["worst_ulp_element"] = {
+                "tensor": name,
+                "flat_index": i,
+                "reference": float(a.view(-1)[i]),
+                "candidate": float(b.view(-1)[i]),
+                "ulps": max_ulps,
+            }
     result["dtypes_reference"] = sorted(dtypes_ref)
     result["dtypes_candidate"] = sorted(dtypes_new)
     return result
@@ -601,8 +668,11 @@ def run_tool(
         job.runs.append(res)
         status = "ok" if res.ok else f"FAILED (exit {res.returncode})"
         log(
-            f"  {name:8s} run {i + 1}/{repeat}: {res.wall_s:7.1f} s, peak RSS {res.maxrss_gb:5.2f} GB  {status}"
+            f"  {name:8s} run {i + 1}/{repeat}: {res.wall_s:7.1f} s wall, {res.cpu_s:7.1f} s CPU, "
+            f"peak RSS {res.maxrss_gb:5.2f} GB, load before {res.load_before:4.2f}  {status}"
         )
+        if res.load_before > LOAD_WARN:
+            log(f"  WARNING: 1-min load average was {res.load_before:.2f}: other work may skew wall times")
         if not res.ok:
             log(f"  {name} log tail ({res.log}):\n{tail(res.log)}")
             break
@@ -641,10 +711,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def print_job_table(method: str, mk: ToolJob | None, ph: ToolJob | None, cmp: dict[str, Any] | None) -> None:
     mk_wall, ph_wall = (mk.wall_s if mk else None), (ph.wall_s if ph else None)
+    mk_cpu, ph_cpu = (mk.cpu_s if mk else None), (ph.cpu_s if ph else None)
     mk_rss, ph_rss = (mk.maxrss_gb if mk else None), (ph.maxrss_gb if ph else None)
     log(f"\n=== {method} ===")
     log(f"  {'':16s}{'mergekit':>10s}{'posthoc':>10s}{'ph/mk':>9s}")
     log(f"  {'wall s':16s}{fmt(mk_wall):>10s}{fmt(ph_wall):>10s}{fmt(ratio(ph_wall, mk_wall)):>9s}")
+    log(f"  {'CPU s (usr+sys)':16s}{fmt(mk_cpu):>10s}{fmt(ph_cpu):>10s}{fmt(ratio(ph_cpu, mk_cpu)):>9s}")
     log(f"  {'peak RSS GB':16s}{fmt(mk_rss):>10s}{fmt(ph_rss):>10s}{fmt(ratio(ph_rss, mk_rss)):>9s}")
     if cmp is None:
         return
@@ -660,6 +732,14 @@ def print_job_table(method: str, mk: ToolJob | None, ph: ToolJob | None, cmp: di
         f"{cmp['max_rel_diff']:.3e}, elements > 1 bf16 ulp: {cmp['n_over_1ulp']} of {cmp['n_elements']} "
         f"({cmp['n_over_1ulp'] / max(cmp['n_elements'], 1):.2e})"
     )
+    worst = cmp.get("worst_ulp_element")
+    if worst:
+        log(
+            f"  worst in ulps: {worst['ulps']:.1f} ulp in {worst['tensor']}[{worst['flat_index']}]: "
+            f"mergekit {worst['reference']:.6g} vs posthoc {worst['candidate']:.6g}"
+        )
+    if cmp.get("n_nan_mismatch"):
+        log(f"  NaN in one output only: {cmp['n_nan_mismatch']} elements")
     for key in ("only_in_reference", "only_in_candidate", "shape_mismatch"):
         if cmp[key]:
             log(f"  {key}: {cmp[key][:5]}{' ...' if len(cmp[key]) > 5 else ''} ({len(cmp[key])})")
@@ -824,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             "mergekit": mk_job.summary() if mk_job else None,
             "posthoc": ph_job.summary() if ph_job else None,
             "wall_ratio_posthoc_over_mergekit": ratio(ph_job and ph_job.wall_s, mk_job and mk_job.wall_s),
+            "cpu_ratio_posthoc_over_mergekit": ratio(ph_job and ph_job.cpu_s, mk_job and mk_job.cpu_s),
             "rss_ratio_posthoc_over_mergekit": ratio(
                 ph_job and ph_job.maxrss_gb, mk_job and mk_job.maxrss_gb
             ),
@@ -831,16 +912,17 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     # Summary.
-    log("\n=== summary (wall: best of runs; RSS: max of runs) ===")
+    log("\n=== summary (wall and CPU: best of runs; RSS: max of runs) ===")
     log(
-        f"{'method':17s}{'mk s':>8s}{'ph s':>8s}{'ph/mk':>7s}{'mk GB':>8s}{'ph GB':>8s}{'ph/mk':>7s}"
+        f"{'method':17s}{'mk s':>8s}{'ph s':>8s}{'ph/mk':>7s}{'mk cpu':>8s}{'ph cpu':>8s}{'mk GB':>8s}{'ph GB':>8s}{'ph/mk':>7s}"
         f"{'max|diff|':>11s}{'>1ulp':>10s}"
     )
     for method, job in results["jobs"].items():
         mk, ph, cmp = job["mergekit"] or {}, job["posthoc"] or {}, job["comparison"] or {}
         log(
             f"{method:17s}{fmt(mk.get('wall_s')):>8s}{fmt(ph.get('wall_s')):>8s}"
-            f"{fmt(job['wall_ratio_posthoc_over_mergekit']):>7s}{fmt(mk.get('maxrss_gb')):>8s}"
+            f"{fmt(job['wall_ratio_posthoc_over_mergekit']):>7s}{fmt(mk.get('cpu_s')):>8s}"
+            f"{fmt(ph.get('cpu_s')):>8s}{fmt(mk.get('maxrss_gb')):>8s}"
             f"{fmt(ph.get('maxrss_gb')):>8s}{fmt(job['rss_ratio_posthoc_over_mergekit']):>7s}"
             f"{fmt(cmp.get('max_abs_diff'), '.2e'):>11s}{fmt(cmp.get('n_over_1ulp'), 'd'):>10s}"
         )

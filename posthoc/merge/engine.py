@@ -159,7 +159,8 @@ def merge(
             copied = ckpt_io.copy_side_files(donor.directory, writer, config_from=None)
             output_config = dict(reference.config)
             if output_config:
-                dtype_name = str(config.out_dtype or config.dtype or specs[0].dtype).replace("torch.", "")
+                floating = next((spec.dtype for spec in specs if spec.dtype.is_floating_point), torch.float32)
+                dtype_name = str(config.out_dtype or config.dtype or floating).replace("torch.", "")
                 output_config["dtype" if "dtype" in output_config else "torch_dtype"] = dtype_name
                 if alignment is not None:
                     output_config["vocab_size"] = alignment.rows
