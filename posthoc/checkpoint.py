@@ -478,7 +478,6 @@ class CheckpointWriter:
         if len(self._specs) != len(specs):
             raise OutputError("two output tensors have the same name")
         self._pending = set(self._specs)
-        self._rows_left = {s.name: (s.shape[0] if s.shape else 1) for s in specs}
         self._committed = False
         try:
             self._layout(list(specs), shard_size, weights_name, metadata or {"format": "pt"})
@@ -530,28 +529,23 @@ class CheckpointWriter:
         self.weights_name = weights_name
         self.num_shards = count
 
-    def write(self, name: str, tensor: torch.Tensor, row_offset: int | None = None) -> None:
-        """Stream one planned tensor (or, with `row_offset`, a block of its rows) to its place in its shard."""
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Stream one planned tensor to its place in its shard."""
         spec = self._specs.get(name)
         if spec is None:
             raise OutputError(f"tensor {name!r} is not in the output plan")
         if name not in self._pending:
             raise OutputError(f"tensor {name!r} was written twice")
-        expected = spec.shape if row_offset is None else (tensor.shape[0], *spec.shape[1:])
-        if tuple(tensor.shape) != tuple(expected) or tensor.dtype != spec.dtype:
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise OutputError(
                 f"tensor {name!r}: planned {list(spec.shape)} {spec.dtype}, got {list(tensor.shape)} {tensor.dtype}"
             )
         fd, offset = self._location[name]
-        if row_offset is not None and spec.shape:
-            offset += row_offset * (spec.nbytes // spec.shape[0] if spec.shape[0] else 0)
         raw = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < len(raw):
             done += os.pwrite(fd, raw[done:], offset + done)
-        self._rows_left[name] -= tensor.shape[0] if row_offset is not None and spec.shape else self._rows_left[name]
-        if self._rows_left[name] <= 0:
-            self._pending.discard(name)
+        self._pending.discard(name)
 
     def add_json(self, file_name: str, obj: Any) -> None:
         (self.staging / file_name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

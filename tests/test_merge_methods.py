@@ -36,6 +36,8 @@ def call(name, tensors, base, **params):
 def chunked(request, monkeypatch):
     """Run the task-arithmetic family with its default chunks and with tiny ones (exercises the streaming)."""
     monkeypatch.setattr(sparsify, "CHUNK_ELEMENTS", request.param)
+    if request.param < sparsify.WHOLE_ELEMENTS:
+        monkeypatch.setattr(sparsify, "WHOLE_ELEMENTS", 0)
     return request.param
 
 

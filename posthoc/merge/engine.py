@@ -2,8 +2,8 @@
 
 Memory stays flat in the model size: at any time the engine holds the inputs of the tensor being merged,
 the inputs of the next one (read ahead by a second thread while this one is computed) and the result.
-Methods whose output is element-wise in their inputs run on blocks of rows of very large tensors, so even
-an embedding matrix never needs to be in memory N times over. Everything that can fail is checked before
+Methods that read their inputs by chunks of rows get very large inputs as lazy readers (`LazyTensor`), so
+even an embedding matrix is never in memory N times over. Everything that can fail is checked before
 any math (configuration, compatibility, every parameter of every tensor), and the output appears only
 when every tensor has been written and verified finite.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -30,13 +31,48 @@ from posthoc.compat import CompatReport, check_compatible
 from posthoc.errors import IncompatibleError, OutputError
 from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
+from posthoc.merge.sparsify import row_chunks
 from posthoc.merge.vocab import VocabularyAlignment
 from posthoc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024  # float32 bytes of one input above which element-wise methods go by rows
 READ_AHEAD_BYTES = 128 * 1024 * 1024  # inputs of the next tensor are read during this one only below this size
+LAZY_BYTES = 32 * 1024 * 1024  # inputs larger than this stay on disk for methods that read row chunks
+
+
+class LazyTensor:
+    """A stored tensor left on disk; a method that reads row chunks gets its rows when it slices them.
+
+    Supports what such methods use: `shape`, `dtype`, `numel()`, `dim()` and `reshape(-1)[start:stop]` with
+    slices of whole rows (others read the covering rows and cut).
+    """
+
+    def __init__(self, ckpt: ckpt_io.Checkpoint, name: str, dtype: torch.dtype | None):
+        info = ckpt.tensors[name]
+        self._ckpt, self._name, self._cast = ckpt, name, dtype
+        self.shape = torch.Size(info.shape)
+        self.dtype = dtype or info.dtype
+        self._row = math.prod(info.shape[1:])
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def reshape(self, *shape: int) -> LazyTensor:
+        if shape not in ((-1,), ((-1,),)):
+            raise ValueError("a LazyTensor only reshapes to a flat view")
+        return self
+
+    def __getitem__(self, flat: slice) -> torch.Tensor:
+        start, stop, _ = flat.indices(self.numel())
+        first, last = start // self._row, -(-stop // self._row)
+        rows = self._ckpt.read(self._name, slice(first, last)).reshape(-1)
+        if self._cast is not None:
+            rows = rows.to(self._cast)
+        return rows[start - first * self._row : stop - first * self._row]
 
 
 @dataclass
@@ -49,14 +85,6 @@ class MergeResult:
     seed: int | None
     report: CompatReport
     warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One unit of work: a whole tensor, or a block of its rows."""
-
-    name: str
-    rows: slice | None
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -72,7 +100,7 @@ def merge(
     shard_size: int = ckpt_io.DEFAULT_SHARD_SIZE,
     seed: int | None = None,
     progress: bool = True,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    lazy_bytes: int = LAZY_BYTES,
 ) -> MergeResult:
     """Merge the checkpoints a config names into `out_dir` (atomically; nothing appears on failure)."""
     started = time.perf_counter()
@@ -123,18 +151,22 @@ def merge(
             specs.append(ckpt_io.TensorSpec(name, tuple(shape), out_dtype))
         out_dtypes = {s.name: s.dtype for s in specs}
 
-        items: list[_Item] = []
-        for spec in specs:
-            per_input = spec.nbytes // ckpt_io.dtype_size(spec.dtype) * 4
-            if method.elementwise and alignment is None and len(spec.shape) >= 1 and per_input > block_bytes and spec.shape[0] > 1:
-                step = max(1, spec.shape[0] * block_bytes // per_input)
-                items += [_Item(spec.name, slice(r, min(r + step, spec.shape[0]))) for r in range(0, spec.shape[0], step)]
-            else:
-                items.append(_Item(spec.name, None))
+        def lazy(name: str) -> bool:
+            info = reference.tensors[name]
+            return (
+                method.reads_row_chunks
+                and info.nbytes > lazy_bytes
+                and len(info.shape) >= 1
+                and info.dtype.is_floating_point
+                and not (alignment is not None and alignment.covers(name))
+            )
 
-        def load(item: _Item) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-            raw = {source: c.read(item.name, item.rows) for source, c in opened.items() if item.name in c.tensors}
-            if alignment is not None and alignment.covers(item.name):
+        def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            if lazy(name):
+                raw = {source: LazyTensor(c, name, config.dtype) for source, c in opened.items()}
+                return (raw[base.source] if base is not None else None), [raw[c.source] for c in inputs]
+            raw = {source: c.read(name) for source, c in opened.items()}
+            if alignment is not None and alignment.covers(name):
                 raw = alignment.align(raw, base.source if base is not None else None)
             if config.dtype is not None:  # round the inputs as the config asks, like mergekit
                 raw = {k: t.to(config.dtype) if t.dtype.is_floating_point else t for k, t in raw.items()}
@@ -144,17 +176,16 @@ def merge(
             ckpt_io.CheckpointWriter(out_dir, specs, shard_size=shard_size, force=force, protect=[c.directory for c in opened.values()]) as writer,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-read") as reader,
         ):
-            def input_bytes(item: _Item) -> int:
-                info = reference.tensors[item.name]
-                rows = (item.rows.stop - item.rows.start) / info.shape[0] if item.rows else 1.0
-                return int(info.nbytes * rows * len(opened))
+            def input_bytes(name: str) -> int:
+                return 0 if lazy(name) else reference.tensors[name].nbytes * len(opened)
 
-            with progress_bar(len(items), f"merge ({method.name})", "tensor", enabled=progress) as bar:
-                for item, (base_tensor, tensors) in _read_ahead(reader, items, load, input_bytes):
+            with progress_bar(len(names), f"merge ({method.name})", "tensor", enabled=progress) as bar:
+                for name, (base_tensor, tensors) in _read_ahead(reader, names, load, input_bytes):
                     out = _merge_one(
-                        config, item.name, base_tensor, tensors, params[item.name], seed, [e.model for e in entries], base_ref
+                        config, name, base_tensor, tensors, params[name], seed, [e.model for e in entries],
+                        base_ref, out_dtypes[name],
                     )
-                    writer.write(item.name, out.to(out_dtypes[item.name]), row_offset=item.rows.start if item.rows else None)
+                    writer.write(name, out.to(out_dtypes[name]))
                     bar.update(1)
             copied = ckpt_io.copy_side_files(donor.directory, writer, config_from=None)
             output_config = dict(reference.config)
@@ -208,18 +239,37 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
+_EXPONENT_BITS = {  # an IEEE float is Inf or NaN exactly when all its exponent bits are set
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No Inf/NaN, checked on the bit patterns (integer ops are much faster than `isfinite` on bf16) and by
+    chunks (a whole-tensor check would allocate a mask as large as the tensor)."""
+    flat = tensor.reshape(-1)
+    if tensor.dtype not in _EXPONENT_BITS:
+        return bool(torch.isfinite(flat).all())
+    int_dtype, exponent = _EXPONENT_BITS[tensor.dtype]
+    bits = flat.view(int_dtype)
+    return not any(bool(((bits[s] & exponent) == exponent).any()) for s in row_chunks((flat.numel(),), 1 << 20))
+
+
 def _read_ahead(
-    pool: ThreadPoolExecutor, items: list[_Item], load: Callable[[_Item], Any], size: Callable[[_Item], int]
-) -> Iterator[tuple[_Item, Any]]:
-    """Yield (item, loaded inputs); the next item is read on the other thread while this one is merged,
+    pool: ThreadPoolExecutor, names: list[str], load: Callable[[str], Any], size: Callable[[str], int]
+) -> Iterator[tuple[str, Any]]:
+    """Yield (name, loaded inputs); the next tensor is read on the other thread while this one is merged,
     unless both together are large (then memory wins over overlap)."""
-    pending: Future | None = pool.submit(load, items[0]) if items else None
-    for i, item in enumerate(items):
-        current = pending.result() if pending is not None else load(item)
+    pending: Future | None = pool.submit(load, names[0]) if names else None
+    for i, name in enumerate(names):
+        current = pending.result() if pending is not None else load(name)
         pending = None
-        if i + 1 < len(items) and size(item) + size(items[i + 1]) <= READ_AHEAD_BYTES:
-            pending = pool.submit(load, items[i + 1])
-        yield item, current
+        if i + 1 < len(names) and size(name) + size(names[i + 1]) <= READ_AHEAD_BYTES:
+            pending = pool.submit(load, names[i + 1])
+        yield name, current
         del current
 
 
@@ -232,6 +282,7 @@ def _merge_one(
     seed: int | None,
     models: list[str],
     base_ref: str | None,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     method = config.method
     every = [*([base] if base is not None else []), *tensors]
@@ -243,9 +294,12 @@ def _merge_one(
     kwargs = dict(params)
     if method.randomized:
         kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
+    if method.takes_out_dtype:
+        kwargs["out_dtype"] = out_dtype
     out = method.fn(tensors, base, **kwargs)
-    if not torch.isfinite(out).all():
-        culprits = [m for m, t in zip([*([base_ref] if base is not None else []), *models], every) if not torch.isfinite(t).all()]
+    if not _all_finite(out):
+        sources = [*([base_ref] if base is not None else []), *models]
+        culprits = [m for m, t in zip(sources, every) if not torch.isfinite(t.reshape(-1)[0 : t.numel()]).all()]
         why = f"input {culprits[0]} already holds NaN/Inf there" if culprits else "check weights that sum to zero with normalize"
         raise OutputError(f"tensor {name}: {method.name} produced NaN/Inf ({why}); nothing was written")
     return out

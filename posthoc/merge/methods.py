@@ -33,21 +33,28 @@ Fraction = Annotated[float, Param(low=0.0, high=1.0)]
 Positive = Annotated[float, Param(low=0.0, low_open=True)]
 
 
-@merge_method("linear", base="ignored", elementwise=True, paper="https://arxiv.org/abs/2203.05482")
+@merge_method("linear", base="ignored", reads_row_chunks=True, paper="https://arxiv.org/abs/2203.05482")
 def linear(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
     weight: PerModel = Required,
     normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted average (model soup): Σ wᵢθᵢ, divided by Σ wᵢ when normalize."""
-    out = torch.zeros(tensors[0].shape, dtype=_compute_dtype(*tensors))
-    for tensor, w in zip(tensors, weight):
-        out.add_(tensor.to(out.dtype), alpha=w)
-    if normalize:
-        out /= sum(weight)
-    return out
+    compute = _compute_dtype(*tensors)
+    shape = tensors[0].shape
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty(tensors[0].numel(), dtype=out_dtype or compute)
+    for s in sparsify.row_chunks(shape):
+        total = torch.zeros(s.stop - s.start, dtype=compute)
+        for flat, w in zip(flats, weight):
+            total.add_(flat[s], alpha=w)
+        if normalize:
+            total /= sum(weight)
+        out[s] = total
+    return out.reshape(shape)
 
 
 def task_arithmetic_family(
@@ -65,6 +72,7 @@ def task_arithmetic_family(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ · combine(wᵢ · sparsify(θᵢ − θ₀)): task arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
@@ -72,7 +80,8 @@ def task_arithmetic_family(
     consensus: TIES sign election, then the mean over the inputs that agree with the elected sign.
     normalize: divide by the sum of weights (of the agreeing inputs, with consensus).
     int8_mask only changed the dtype of mergekit's mask and has no effect on the result.
-    Runs chunk by chunk of whole rows (see `sparsify`), fitting whole-tensor selections first.
+    Runs chunk by chunk of whole rows (see `sparsify`), fitting whole-tensor selections first; it only
+    slices flat views of its inputs, so very large inputs may be lazy row readers.
     """
     compute = _compute_dtype(base, *tensors)
     shape, n = base.shape, base.numel()
@@ -83,13 +92,10 @@ def task_arithmetic_family(
     cache: dict[int, torch.Tensor] = {}  # a tensor that is one chunk keeps its task vectors between passes
 
     single = len(chunks) == 1
-    base_chunk: dict[int, torch.Tensor] = {}
+    whole_base = flat_base[0:n].to(compute) if single else None
 
     def base_of(s: slice) -> torch.Tensor:
-        if s.start not in base_chunk:
-            base_chunk.clear()
-            base_chunk[s.start] = flat_base[s].to(compute)
-        return base_chunk[s.start]
+        return whole_base if whole_base is not None else flat_base[s].to(compute)
 
     def delta(i: int, s: slice) -> torch.Tensor:
         if i in cache:
@@ -102,23 +108,25 @@ def task_arithmetic_family(
     def passes(i: int) -> sparsify.Chunks:
         return lambda: ((s, delta(i, s)) for s in chunks)
 
-    selections = []
-    for i in range(len(tensors)):
+    # One generator per input, so each input's draws depend only on the seed and its position.
+    generators = [sparsify.derived_generator(generator) for _ in tensors] if sparsification in ("random", "della") else []
+
+    def select(i: int) -> sparsify.Selection:
         d = density[i] if density is not None else 1.0
         if sparsification == "magnitude":
-            selection = sparsify.magnitude_selection(passes(i), n, d, rescale)
-        elif sparsification == "breadcrumbs":
-            selection = sparsify.breadcrumbs_selection(passes(i), n, d, gamma[i], rescale)
-        elif sparsification == "random":
-            selection = sparsify.random_selection(passes(i), n, d, rescale, generator)
-        elif sparsification == "della":
-            selection = sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generator)
-        else:
-            selection = sparsify.KEEP_ALL
-        selections.append(selection)
+            return sparsify.magnitude_selection(passes(i), n, d, rescale)
+        if sparsification == "breadcrumbs":
+            return sparsify.breadcrumbs_selection(passes(i), n, d, gamma[i], rescale)
+        if sparsification == "random":
+            return sparsify.random_selection(passes(i), n, d, rescale, generators[i])
+        if sparsification == "della":
+            return sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generators[i])
+        return sparsify.KEEP_ALL
+
+    selections = [select(i) for i in range(len(tensors))]
 
     total_weight = sum(weight)
-    out = torch.empty(n if not single else 0, dtype=compute)
+    out = torch.empty(n if not single else 0, dtype=out_dtype or compute)
     for s in chunks:
         kept = []
         for i, selection in enumerate(selections):
@@ -152,8 +160,8 @@ def task_arithmetic_family(
         if lambda_ != 1:
             mixed *= lambda_
         if single:
-            return mixed.add_(base_of(s)).reshape(shape)
-        torch.add(mixed, base_of(s), out=out[s])
+            return mixed.add_(base_of(s)).reshape(shape).to(out_dtype or compute)
+        out[s] = mixed.add_(base_of(s))
     return out.reshape(shape)
 
 
@@ -228,10 +236,11 @@ def _family_member(
         min_models=1,
         max_models=None,
         randomized=sparsification in ("random", "della"),
-        elementwise=sparsification is None,
         paper=paper,
         summary=SUMMARIES[name],
         validate=_check_della if sparsification == "della" else None,
+        takes_out_dtype=True,
+        reads_row_chunks=True,
     )
 
 
@@ -332,13 +341,18 @@ def model_stock(
     return (ratio * average + (1 - ratio) * origin).reshape(shape)
 
 
-@merge_method("passthrough", base="ignored", max_models=1, elementwise=True, paper="https://github.com/arcee-ai/mergekit")
+@merge_method("passthrough", base="ignored", max_models=1, reads_row_chunks=True, paper="https://github.com/arcee-ai/mergekit")
 def passthrough(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
     scale: PerModel = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Copy the single input, optionally scaled."""
-    (tensor,) = _upcast(tensors[0])
-    return tensor * scale[0] if scale[0] != 1.0 else tensor.clone()
+    flat = tensors[0].reshape(-1)
+    compute = _compute_dtype(tensors[0])
+    out = torch.empty(tensors[0].numel(), dtype=out_dtype or compute)
+    for s in sparsify.row_chunks(tensors[0].shape):
+        out[s] = flat[s].to(compute) * scale[0]
+    return out.reshape(tensors[0].shape)

@@ -105,11 +105,15 @@ class MergeMethod:
     min_models: int  # counted over inputs other than a required/optional base
     max_models: int | None
     randomized: bool
-    elementwise: bool  # output element i depends only on input elements i: may run on row blocks
     paper: str
     summary: str = field(default="")
     # Checks that involve several parameters at once (ranges of single ones live in Param).
     validate: Callable[[dict[str, Any], str], None] | None = None
+    # Accepts `out_dtype=` and then returns its result in that dtype (saves a full-size float32 copy).
+    takes_out_dtype: bool = False
+    # Reads its inputs only as flat slices of whole rows (`t.reshape(-1)[a:b]`), so the engine may hand it
+    # very large inputs as lazy row readers (`posthoc.merge.engine.LazyTensor`) instead of tensors.
+    reads_row_chunks: bool = False
 
     def describe(self) -> str:
         parts = []
@@ -127,7 +131,7 @@ def _param_specs(fn: Callable[..., Any]) -> dict[str, ParamSpec]:
     hints = typing.get_type_hints(fn, include_extras=True)
     specs = {}
     for argument, parameter in inspect.signature(fn).parameters.items():
-        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or argument == "generator":
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or argument in ("generator", "out_dtype"):
             continue
         hint = hints[argument]
         scope = Param()
@@ -150,15 +154,18 @@ def merge_method(
     paper: str,
     min_models: int = 1,
     max_models: int | None = None,
-    elementwise: bool = False,
+    reads_row_chunks: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a pure tensor function as merge method `name`."""
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        randomized = "generator" in inspect.signature(fn).parameters
+        signature = inspect.signature(fn).parameters
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         register(
-            MergeMethod(name, fn, _param_specs(fn), base, min_models, max_models, randomized, elementwise, paper, summary)
+            MergeMethod(
+                name, fn, _param_specs(fn), base, min_models, max_models, "generator" in signature, paper, summary,
+                takes_out_dtype="out_dtype" in signature, reads_row_chunks=reads_row_chunks,
+            )
         )
         return fn
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
+WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (their task vectors are kept between passes)
 _SHIFT = 16
 _BUCKETS = 1 << (31 - _SHIFT)  # non-negative float32 bit patterns (NaN included) have the top bit clear
 
@@ -30,10 +31,11 @@ Chunks = Callable[[], Iterator[tuple[slice, torch.Tensor]]]  # a fresh pass: (fl
 
 def row_chunks(shape: torch.Size | tuple[int, ...], chunk_elements: int | None = None) -> list[slice]:
     """Flat slices of whole rows (rows = first dimension) holding about `chunk_elements` entries each."""
-    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     n = math.prod(shape)
     if n == 0:
         return []
+    if chunk_elements is None:
+        chunk_elements = n if n <= WHOLE_ELEMENTS else CHUNK_ELEMENTS
     row = n // shape[0] if len(shape) > 1 else n
     step = max(1, chunk_elements // row) * row
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -192,7 +194,8 @@ def breadcrumbs_selection(chunks: Chunks, n: int, density: float, gamma: float, 
     return Selection(keep, _l1_ratio(total, l1(upper) - l1(outliers)) if rescale else 1.0)
 
 
-def _replayable(generator: torch.Generator | None) -> torch.Generator:
+def derived_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator of its own, seeded from `generator` (so each input's draws do not depend on the others')."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator().manual_seed(seed)
 
@@ -200,10 +203,11 @@ def _replayable(generator: torch.Generator | None) -> torch.Generator:
 def random_selection(
     chunks: Chunks, n: int, density: float, rescale: bool, generator: torch.Generator | None
 ) -> Selection:
-    """DARE: keep each entry independently with probability `density`."""
+    """DARE: keep each entry independently with probability `density` (draws from `generator`, which this
+    selection then owns: it is rewound between the fitting and the applying pass)."""
     if density >= 1 or n == 0:
         return KEEP_ALL
-    own = _replayable(generator)
+    own = generator or torch.Generator()
 
     def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
         return torch.rand(delta.shape, generator=own, dtype=torch.float32) < density
@@ -218,7 +222,7 @@ def della_selection(
     density − ε for the smallest entry to density + ε for the largest."""
     if density >= 1 or n == 0:
         return KEEP_ALL
-    own = _replayable(generator)
+    own = generator or torch.Generator()
 
     def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
         rows = delta.reshape(-1, row)
