@@ -324,8 +324,10 @@ def open_checkpoint(spec: str | os.PathLike[str], *, revision: str | None = None
                 "or one .gguf file)"
             )
         return Checkpoint(path, files, source)
-    if HUB_ID.match(source) and not source.startswith(("./", "../")) and "/" in source:
-        return _renamed(open_checkpoint(download_from_hub(source, revision=revision)), source)
+    repo_id, _, at_revision = source.partition("@")  # mergekit's `org/name@revision`
+    if HUB_ID.match(repo_id) and not source.startswith(("./", "../")) and "/" in repo_id:
+        local = download_from_hub(repo_id, revision=revision or at_revision or None)
+        return _renamed(open_checkpoint(local), source)
     raise CheckpointError(f"{source}: no such file or directory (and not a hub id of the form org/name)")
 
 
@@ -445,6 +447,20 @@ def check_output_location(out_dir: Path, inputs: Iterable[Path], force: bool) ->
     return out_dir
 
 
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Delete temporary directories of earlier writes to `out_dir` whose process is gone (killed runs)."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.posthoc-tmp-*"):
+        pid = stale.name.rsplit("posthoc-tmp-", 1)[1].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 class CheckpointWriter:
     """Atomic, streaming writer of a sharded safetensors checkpoint plus its side files.
 
@@ -472,7 +488,8 @@ class CheckpointWriter:
             raise OutputError(f"shard size must be positive, got {shard_size}")
         self.out_dir = check_output_location(Path(out_dir), protect, force)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.out_dir.parent / f".{self.out_dir.name}.posthoc-tmp-{uuid.uuid4().hex[:8]}"
+        _remove_abandoned_staging(self.out_dir)
+        self.staging = self.out_dir.parent / f".{self.out_dir.name}.posthoc-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
         self._specs = {s.name: s for s in specs}
         if len(self._specs) != len(specs):

@@ -270,3 +270,47 @@ def test_hub_id_online_downloads_through_huggingface_hub(llama_family, tmp_path,
     result = CliRunner().invoke(main, ["check", "someorg/somemodel"])
     assert result.exit_code == 0 and "someorg/somemodel" in result.output
     assert calls[0][0] == "someorg/somemodel" and "*.safetensors" in calls[0][1]
+
+
+def test_killed_run_leaves_only_a_hidden_staging_dir_that_the_next_run_removes(family, tmp_path):
+    """SIGKILL cannot be caught: the target never appears, and the next write cleans the dead run's files."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, tuned = family
+    code = (
+        "import time, torch\n"
+        "from posthoc.checkpoint import CheckpointWriter, TensorSpec\n"
+        f"w = CheckpointWriter({str(tmp_path / 'out')!r}, [TensorSpec('a', (4,), torch.float32)])\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    time.sleep(0.1)
+    assert not (tmp_path / "out").exists()
+    assert len(list(tmp_path.glob(".out.posthoc-tmp-*"))) == 1
+    result = CliRunner().invoke(main, ["merge", str(config(tmp_path, ties(base, tuned))), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob(".out.posthoc-tmp-*"))
+
+
+def test_hub_id_with_revision(llama_family, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    base, _ = llama_family
+    calls = []
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        return str(base)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    result = CliRunner().invoke(main, ["check", "someorg/somemodel@v1.0"])
+    assert result.exit_code == 0, result.output
+    assert calls[0] == ("someorg/somemodel", "v1.0")

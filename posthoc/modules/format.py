@@ -1,0 +1,190 @@
+"""The module format: a directory of safetensors plus a small manifest, `module.json`.
+
+A module is the survey's unit of computation made portable: the change a fine-tune (or an analysis) makes
+to a base model, saved apart from the base so that it can be stacked, swapped and merged.
+
+    module.json             {"format": "posthoc-module", "format_version": 1, "kind": ..., "base": {...},
+                             "tensors": {name: {...}}, "tags": {...}, "provenance": {...}, "posthoc_version": ...}
+    module.safetensors      the tensors (sharded with an index like a checkpoint when large)
+
+kind        what the tensors mean
+  delta       dense task vector θ_tuned − θ_base, one tensor per changed base tensor
+  sparse      the same, stored as `<name>.indices` (int64 flat positions) + `<name>.values`
+  lora        low-rank factors; the directory is at the same time a PEFT adapter
+              (adapter_config.json + adapter_model.safetensors)
+  experts     a partition of FFN neurons into experts plus routers (MoE-fication)
+  mask        binary masks over base weights or neurons (subnetworks, clusters)
+
+`base` names the base the module belongs to: its architecture and a fingerprint of its weights that is
+cheap to compute (names, shapes, dtypes and the first row of every tensor) and so cheap to check before a
+module is applied to another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import posthoc
+from posthoc.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from posthoc.errors import PosthocError
+
+MODULE_FILE = "module.json"
+FORMAT = "posthoc-module"
+FORMAT_VERSION = 1
+KINDS = ("delta", "sparse", "lora", "experts", "mask")
+
+
+class ModuleError(PosthocError):
+    """A module is missing, malformed, or does not belong to the base it is applied to."""
+
+
+def fingerprint(ckpt: Checkpoint) -> str:
+    """A cheap identity of a checkpoint's weights: every name, shape and dtype, and the bytes of the first
+    row of every tensor (one small read each, whatever the model size)."""
+    digest = hashlib.sha256()
+    for name in sorted(ckpt.tensors):
+        info = ckpt.tensors[name]
+        digest.update(f"{name}|{list(info.shape)}|{info.dtype}\n".encode())
+        first = ckpt.read(name, slice(0, 1)) if info.shape and info.shape[0] > 0 else ckpt.read(name)
+        digest.update(first.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+@dataclass
+class BaseRef:
+    """The base model a module belongs to."""
+
+    architecture: str | None
+    fingerprint: str
+    source: str = ""
+    model_type: str | None = None
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> BaseRef:
+        return cls(ckpt.architecture, fingerprint(ckpt), ckpt.source, ckpt.config.get("model_type"))
+
+
+@dataclass
+class Manifest:
+    kind: str
+    base: BaseRef
+    tensors: dict[str, dict[str, Any]]  # base tensor name -> how the module stores its change
+    tags: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    posthoc_version: str = posthoc.__version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "base": {
+                "architecture": self.base.architecture,
+                "model_type": self.base.model_type,
+                "fingerprint": self.base.fingerprint,
+                "source": self.base.source,
+            },
+            "tensors": self.tensors,
+            "tags": self.tags,
+            "provenance": self.provenance,
+            "posthoc_version": self.posthoc_version,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ModuleError(f"{where}: not a posthoc module manifest (field 'format' must be {FORMAT!r})")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ModuleError(
+                f"{where}: field 'format_version' is {version!r}; this posthoc reads up to {FORMAT_VERSION} "
+                "(upgrade posthoc)"
+            )
+        kind = data.get("kind")
+        if kind not in KINDS:
+            raise ModuleError(f"{where}: field 'kind' is {kind!r}; valid kinds: {', '.join(KINDS)}")
+        base = data.get("base")
+        if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
+            raise ModuleError(f"{where}: field 'base.fingerprint' is missing")
+        tensors = data.get("tensors")
+        if not isinstance(tensors, dict):
+            raise ModuleError(f"{where}: field 'tensors' must map base tensor names to entries")
+        for key in ("tags", "provenance"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ModuleError(f"{where}: field {key!r} must be a mapping")
+        return cls(
+            kind=kind,
+            base=BaseRef(base.get("architecture"), base["fingerprint"], base.get("source", ""), base.get("model_type")),
+            tensors=tensors,
+            tags=dict(data.get("tags") or {}),
+            provenance=dict(data.get("provenance") or {}),
+            posthoc_version=str(data.get("posthoc_version", "")),
+        )
+
+
+def is_module(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    return (path / MODULE_FILE).is_file() or (path / "adapter_config.json").is_file()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The manifest of a module directory (one line naming the file and field when it is malformed)."""
+    file = Path(path) / MODULE_FILE
+    if not file.is_file():
+        raise ModuleError(f"{path}: no {MODULE_FILE}: not a posthoc module")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModuleError(f"{file}: not valid JSON ({error})") from None
+    return Manifest.from_json(data, str(file))
+
+
+def open_module_tensors(path: str | os.PathLike[str]) -> Checkpoint:
+    """The tensors of a module, lazily, through the checkpoint I/O layer."""
+    return open_checkpoint(path)
+
+
+def check_base(manifest: Manifest, base: Checkpoint, where: str, *, allow_mismatch: bool = False) -> list[str]:
+    """Refuse a module made for another base (both fingerprints named); with `allow_mismatch`, warn instead."""
+    actual = fingerprint(base)
+    if actual == manifest.base.fingerprint:
+        return []
+    message = (
+        f"{where}: module was made for base {manifest.base.fingerprint} ({manifest.base.source or 'unknown source'}) "
+        f"but {base.source} is {actual}"
+    )
+    if not allow_mismatch:
+        raise ModuleError(message + "; pass --allow-base-mismatch to apply it anyway")
+    return [message]
+
+
+def write_module(
+    out_dir: str | os.PathLike[str],
+    manifest: Manifest,
+    tensors: dict[str, torch.Tensor],
+    *,
+    force: bool = False,
+    protect: Iterable[Path] = (),
+    weights_name: str = "module",
+    extra_json: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a module atomically (temporary directory, renamed at the end) through the checkpoint writer."""
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with CheckpointWriter(out_dir, specs, force=force, protect=protect, weights_name=weights_name) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.add_json(MODULE_FILE, manifest.to_json())
+        for file_name, obj in (extra_json or {}).items():
+            writer.add_json(file_name, obj)
+        for file_name, text in (extra_files or {}).items():
+            (writer.staging / file_name).write_text(text)
+        return writer.commit()
