@@ -84,8 +84,10 @@ MERGEKIT_VERSION = "0.1.5"
 # version resolves to the CPU wheel that lies on local disk.
 TORCH_PIN = "torch==2.13.0"
 
-ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-DETERMINISTIC = frozenset({"linear", "task_arithmetic", "ties", "slerp"})
+# `*_f32` jobs: the same merge with `dtype: float32, out_dtype: bfloat16`, so that mergekit also does its
+# arithmetic in float32 (with `dtype: bfloat16` it computes task vectors, weights included, in bf16).
+ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "task_arithmetic_f32", "ties_f32")
+DETERMINISTIC = frozenset({"linear", "task_arithmetic", "ties", "slerp", "task_arithmetic_f32", "ties_f32"})
 N_FINETUNES = 3
 
 # Synthetic model: ~271 M parameters (32000*1024*2 + 16 * 12.85 M).
@@ -614,6 +616,8 @@ def posthoc_problem(posthoc: list[str], env: dict[str, str]) -> str | None:
 
 def method_config(method: str, models_dir: Path) -> dict[str, Any]:
     """The mergekit YAML (as a dict) for one method."""
+    if method.endswith("_f32"):
+        return {**method_config(method.removesuffix("_f32"), models_dir), "dtype": "float32", "out_dtype": "bfloat16"}
     base = str(models_dir / "base")
     fts = [str(models_dir / f"ft{k}") for k in range(1, N_FINETUNES + 1)]
     if method == "linear":

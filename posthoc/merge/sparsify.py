@@ -237,15 +237,23 @@ def della_selection(
 def _with_replay(chunks: Chunks, mask, own: torch.Generator, rescale: bool) -> Selection:
     state = own.get_state()
     scale = 1.0
+    drawn: dict[int, torch.Tensor] = {}  # the mask of a one-chunk tensor, kept for the second pass
     if rescale:  # a first pass for the norms; the generator is rewound so the second draws the same mask
         before = after = 0.0
-        for s, delta in chunks():
+        for count, (s, delta) in enumerate(chunks()):
+            keep = mask(s, delta)
             magnitude = delta.abs()
-            before += float(magnitude.sum(dtype=torch.float64))
-            after += float((magnitude * mask(s, delta)).sum(dtype=torch.float64))
+            before += float(magnitude.sum(dtype=torch.float64))  # float64: the same sum whatever the chunks
+            after += float(magnitude.mul_(keep).sum(dtype=torch.float64))
+            drawn.clear() if count else drawn.update({s.start: keep})
         scale = _l1_ratio(before, after)
         own.set_state(state)
-    return Selection(lambda s, delta: delta * mask(s, delta), scale)
+
+    def kept(s: slice, delta: torch.Tensor) -> torch.Tensor:
+        keep = drawn.pop(s.start, None)
+        return delta * (keep if keep is not None else mask(s, delta))
+
+    return Selection(kept, scale)
 
 
 def elected_sign(weighted_sum: torch.Tensor) -> torch.Tensor:
