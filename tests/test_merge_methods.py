@@ -50,8 +50,15 @@ def top_k_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return torch.cat([top.keep(s, flat[s]) != 0 for s in chunks])
 
 
-@pytest.mark.parametrize("chunk", [7, 1000, 10**6])
-@pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 1), (1000, 999), (100_000, 20_000), (2_000_000, 400_000)])
+TOP_K_CASES = [
+    (n, k, chunk)
+    for n, k in [(1, 1), (10, 3), (1000, 1), (1000, 999), (100_000, 20_000), (2_000_000, 400_000)]
+    for chunk in (7, 1000, 10**6)
+    if n // chunk <= 2000  # tiny chunks on big tensors only cost time
+]
+
+
+@pytest.mark.parametrize("n,k,chunk", TOP_K_CASES)
 def test_top_k_matches_sort(n, k, chunk):
     values = rand(n, seed=n)
     mask = top_k_mask(values, k, chunk)
