@@ -1,6 +1,7 @@
 """The `posthoc` command line: parse, call the library, print."""
 
-from posthoc.cli import check, demo, merge  # noqa: E402,F401  (each module adds its commands to `main`)
+# Each command module adds its commands to `main` when imported.
+from posthoc.cli import check, demo, extract, merge, recipe, split, split_find, stack  # noqa: F401
 from posthoc.cli.main import main
 
 __all__ = ["main"]

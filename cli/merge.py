@@ -61,6 +61,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--out-dtype", help="dtype of the written tensors.")
 @click.option("--seed", type=int, help="Seed of randomized methods (DARE, DELLA); recorded in the output.")
 @click.option("--shard-size", default=f"{DEFAULT_SHARD_SIZE // 10**9}GB", show_default=True, help="Max bytes per shard (5GB, 500MB …).")
+@click.option("--rank", type=int, help="All inputs LoRA modules: re-factor the merged LoRA to this rank (default: exact).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
@@ -78,6 +79,7 @@ def merge(
     out_dtype: str | None,
     seed: int | None,
     shard_size: str,
+    rank: int | None,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -106,9 +108,13 @@ def merge(
             data["out_dtype"] = out_dtype
         config = MergeConfig.from_dict(data, where="flags")
         out_dir = output
-    result = merge_checkpoints(config, out_dir, force=force, shard_size=parse_size(shard_size), seed=seed, progress=not quiet)
+    result = merge_checkpoints(
+        config, out_dir, force=force, shard_size=parse_size(shard_size), seed=seed, progress=not quiet, rank=rank
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if getattr(result, "summary", None):  # an all-module merge wrote a module
+        click.echo(result.summary)
     seed_note = f", seed {result.seed}" if result.seed is not None else ""
     click.echo(
         f"wrote {result.out_dir}: {result.num_tensors} tensors, {result.total_bytes / 1e9:.2f} GB in "

@@ -49,6 +49,33 @@ RESULTS_FILE = "results.json"
 
 
 @dataclass(frozen=True)
+class DemoContext:
+    """What the demo's later steps (modules, MoE-fication, clusters) get from its first part.
+
+    A step is `step(context) -> str`: it does its work under `work_dir / <its own folder>` (cached there
+    like the fine-tunes), and returns the text block the demo prints after the merge table.
+    """
+
+    work_dir: Path
+    base_dir: Path  # the base encoder checkpoint (all-MiniLM-L6-v2 unless a test passes a tiny one)
+    finetuned: dict[str, Path]  # task name -> fine-tuned encoder dir (its head saved beside, see ClassificationHead)
+    heads: dict[str, ClassificationHead]  # task name -> the head fine-tuned with it
+    splits: dict[str, DataSplit]  # task name -> train/validation/test of that task's labels
+    settings: DemoSettings
+    fresh: bool
+    threads: int | None
+    progress: bool
+
+
+DemoStep = Callable[[DemoContext], str]
+
+
+def extra_steps() -> list[tuple[str, DemoStep]]:
+    """The demo's steps after merging, in order: (name, step). Imported here so the demo's first part stays light."""
+    return []
+
+
+@dataclass(frozen=True)
 class Task:
     """A classification task cut from a corpus: a name and the classes it keeps."""
 
@@ -114,6 +141,7 @@ class DemoResult:
     timings: dict[str, float]
     cached: dict[str, bool]  # artifact -> reused from the work directory
     work_dir: Path
+    extra: dict[str, str] = field(default_factory=dict)  # later step name -> the text block it printed
 
     def row(self, label: str, heads: str = "fine-tuned") -> DemoRow:
         for row in self.rows:
@@ -132,6 +160,7 @@ class DemoResult:
             "validation": self.validation,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "cached": self.cached,
+            "extra": self.extra,
         }
 
     def table(self) -> str:
@@ -176,11 +205,13 @@ def run_demo(
     threads: int | None = None,
     progress: bool = True,
     echo: Callable[[str], Any] | None = print,
+    extras: bool = True,
 ) -> DemoResult:
     """Fine-tune, merge and score (see the module docstring); print the table with `echo` and return it.
 
     `steps` overrides the fine-tune steps of `settings`. `base_dir` and `data` default to the packaged
     all-MiniLM-L6-v2 and BBC News; tests pass tiny ones. `fresh` ignores the cache and rebuilds all.
+    `extras=False` stops after the merge table (skips `extra_steps()`).
     """
     started = time.perf_counter()
     settings = settings or DemoSettings()
@@ -289,9 +320,20 @@ def run_demo(
         cached=cached,
         work_dir=work_dir,
     )
-    (work_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if echo is not None:
         echo(result.table())
+
+    # 5. The later steps: modules, MoE-fication, clusters of the same encoder and fine-tunes.
+    if extras:
+        context = DemoContext(work_dir, base_dir, finetuned, heads, task_splits, settings, fresh, threads, progress)
+        for name, step in extra_steps():
+            clock = time.perf_counter()
+            result.extra[name] = step(context)
+            timings[name] = time.perf_counter() - clock
+            if echo is not None:
+                echo("\n" + result.extra[name])
+        timings["total"] = time.perf_counter() - started
+    (work_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

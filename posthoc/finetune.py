@@ -429,6 +429,7 @@ def finetune(
     *,
     settings: FinetuneSettings | None = None,
     trainable: Callable[[str], bool] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
     threads: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -439,7 +440,9 @@ def finetune(
 
     `data` is labelled text (a classification head is trained with it) or any `Objective`.
     `trainable(name)` picks the encoder parameters that train (default: all); the others stay exactly
-    as in the base. The output holds every tensor of the base checkpoint, same names, shapes and dtypes
+    as in the base. `masks` (name -> bool tensor of the parameter's shape) narrows training to entries:
+    only parameters named in it train, and only where the mask is true (sparse fine-tuning, LT-SFT; see
+    `sparse_finetune`); the other entries keep the base's values exactly. The output holds every tensor of the base checkpoint, same names, shapes and dtypes
     (buffers the model does not own, such as BERT's `position_ids`, are copied from the base), the base's
     config and tokenizer files, the objective's files (head) and `posthoc_finetune.json` (settings,
     losses, a `run_id`, and `extra_record` under "extra": what a caller needs to recognise the run later).
@@ -447,6 +450,8 @@ def finetune(
     settings = settings or FinetuneSettings()
     base_dir = Path(base_dir)
     objective: Objective = ClassificationObjective(data) if isinstance(data, TextClassificationData) else data
+    if masks is not None and settings.weight_decay > 0:
+        raise ConfigError("sparse fine-tuning (masks) needs weight_decay 0: decay would move the entries outside the mask")
     started = time.perf_counter()
     check_output_location(Path(out_dir), [base_dir], force)  # before minutes of training, not after
     with open_checkpoint(base_dir) as base:
@@ -458,7 +463,14 @@ def finetune(
         task_module = objective.build(model, tokenizer)
         encoder_params = []
         for param_name, param in model.named_parameters():
-            param.requires_grad_(trainable is None or bool(trainable(param_name)))
+            wanted = trainable is None or bool(trainable(param_name))
+            if masks is not None:
+                wanted = wanted and param_name in masks
+                if param_name in masks and tuple(masks[param_name].shape) != tuple(param.shape):
+                    raise ConfigError(
+                        f"mask for {param_name} has shape {list(masks[param_name].shape)}, the parameter {list(param.shape)}"
+                    )
+            param.requires_grad_(wanted)
             if param.requires_grad:
                 encoder_params.append(param)
         groups = [{"params": encoder_params, "lr": settings.encoder_lr}]
@@ -474,7 +486,10 @@ def finetune(
                 loss = objective.loss(model, tokenizer, indices, settings.max_length)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                # Sparse fine-tuning (LT-SFT) would zero the gradients outside its mask here.
+                if masks is not None:  # sparse fine-tuning: entries outside the mask get no gradient
+                    for param_name, param in model.named_parameters():
+                        if param.grad is not None:
+                            param.grad.mul_(masks[param_name])
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.max_grad_norm)
                 optimizer.step()
@@ -493,7 +508,8 @@ def finetune(
         "name": name,
         "base_model": str(base_dir),
         "settings": settings.to_dict(),
-        "trainable": "all" if trainable is None else "subset",
+        "trainable": "all" if trainable is None and masks is None else "subset",
+        "masked_entries": None if masks is None else int(sum(int(m.sum()) for m in masks.values())),
         "threads": threads or default_threads(),
         "seconds": round(seconds, 2),
         "loss_first": losses[0],
@@ -513,6 +529,10 @@ def finetune(
 def _encoder_state(model: nn.Module, base_dir: Path, base_infos: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The trained tensors under the base checkpoint's names, shapes and dtypes, in the base's order."""
     trained = model.state_dict()
+    # A tied copy (a language model's output layer sharing the input embeddings) that the checkpoint stores
+    # once is not a tensor of its own: drop it when its storage is that of a tensor the base has.
+    stored = {t.untyped_storage().data_ptr() for n, t in trained.items() if n in base_infos}
+    trained = {n: t for n, t in trained.items() if n in base_infos or t.untyped_storage().data_ptr() not in stored}
     unknown = sorted(set(trained) - set(base_infos))
     if unknown:
         raise CheckpointError(

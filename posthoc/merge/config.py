@@ -245,10 +245,14 @@ class MergeConfig:
 def _model_ref(value: Any, where: str) -> str:
     ref = str(value)
     if "+" in ref and not Path(ref).exists():
-        raise ConfigError(
-            f"{where}: model {ref!r}: `model+lora` references are not supported; merge LoRA modules with posthoc "
-            "modules or pass the merged model"
-        )
+        # mergekit's `MODEL+ADAPTER`: the part after '+' must be a module or PEFT adapter directory (posthoc.modules)
+        from posthoc.modules.apply import split_ref
+
+        if split_ref(ref) is None:
+            raise ConfigError(
+                f"{where}: model {ref!r}: in `MODEL+MODULE` the part after '+' must be a module or PEFT adapter "
+                "directory (with module.json or adapter_config.json)"
+            )
     return ref
 
 

@@ -28,7 +28,7 @@ import torch
 import posthoc
 from posthoc import checkpoint as ckpt_io
 from posthoc.compat import CompatReport, check_compatible
-from posthoc.errors import IncompatibleError, OutputError
+from posthoc.errors import ConfigError, IncompatibleError, OutputError
 from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
 from posthoc.merge.sparsify import row_chunks
@@ -101,16 +101,29 @@ def merge(
     seed: int | None = None,
     progress: bool = True,
     lazy_bytes: int = LAZY_BYTES,
+    rank: int | None = None,
 ) -> MergeResult:
-    """Merge the checkpoints a config names into `out_dir` (atomically; nothing appears on failure)."""
+    """Merge the checkpoints a config names into `out_dir` (atomically; nothing appears on failure).
+
+    Inputs may also be modules (see posthoc.modules.apply.open_model_ref). When every merged input is a
+    module, the output is a module (posthoc.modules.merging); `rank` re-factors an all-LoRA output."""
+    # --- modules (posthoc.modules): an all-module merge writes a module; imported here to avoid a cycle.
+    from posthoc.modules.merging import merge_modules, wants_module_output
+
+    if wants_module_output(config):
+        return merge_modules(config, out_dir, force=force, seed=seed, progress=progress, rank=rank, shard_size=shard_size)
+    if rank is not None:
+        raise ConfigError("--rank applies when every merged input is a LoRA module (the output is then a LoRA module)")
+    # --- end modules
     started = time.perf_counter()
     method = config.method
     base_ref, entries = config.inputs()
     opened: dict[str, ckpt_io.Checkpoint] = {}
+    from posthoc.modules.apply import open_model_ref  # modules: checkpoint-like "base + module" inputs
 
     def open_once(ref: str) -> ckpt_io.Checkpoint:
-        if ref not in opened:
-            opened[ref] = ckpt_io.open_checkpoint(ref)
+        if ref not in opened:  # a checkpoint, `MODEL+MODULE`, or a module applied to base_model (posthoc.modules)
+            opened[ref] = open_model_ref(ref, config.base_model)
         return opened[ref]
 
     try:

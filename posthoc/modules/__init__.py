@@ -1,4 +1,15 @@
-"""Portable modules: the module format, extraction from fine-tunes, composition (stacking) and merging."""
+"""Portable modules: the module format, extraction from fine-tunes, composition (stacking) and merging.
+
+    from posthoc.modules import extract, stack, open_module
+
+    extract(base, tuned, "modules/task-a", kind="lora", rank=16, calib="calib.txt")
+    stack(base, ["modules/task-a", "modules/lang-x"], "stacked", scales=[1.0, 1.0])
+    with open_module("modules/task-a") as m:     # ours, or a PEFT adapter made elsewhere
+        phi = m.delta("encoder.layer.0.attention.self.query.weight")
+
+Merging modules goes through `posthoc.merge.merge_checkpoints` (and `posthoc merge`), which hands
+all-module configs to `posthoc.modules.merging.merge_modules`.
+"""
 
 from posthoc.modules.format import (
     KINDS,
@@ -18,8 +29,29 @@ __all__ = [
     "Manifest",
     "ModuleError",
     "check_base",
+    "extract",
     "fingerprint",
     "is_module",
+    "open_module",
     "read_manifest",
+    "stack",
     "write_module",
 ]
+
+
+def __getattr__(name: str):
+    # The heavier entry points are imported on first use, so `posthoc.modules.format` stays cheap to import
+    # (the merge engine and the analysers import it) and no import cycle with posthoc.merge can form.
+    if name == "extract":
+        from posthoc.modules.extract import extract
+
+        return extract
+    if name == "stack":
+        from posthoc.modules.apply import stack
+
+        return stack
+    if name == "open_module":
+        from posthoc.modules.module import open_module
+
+        return open_module
+    raise AttributeError(f"module 'posthoc.modules' has no attribute {name!r}")

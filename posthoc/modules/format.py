@@ -9,11 +9,26 @@ to a base model, saved apart from the base so that it can be stacked, swapped an
 
 kind        what the tensors mean
   delta       dense task vector θ_tuned − θ_base, one tensor per changed base tensor
-  sparse      the same, stored as `<name>.indices` (int64 flat positions) + `<name>.values`
+  sparse      the same, stored as `<name>.indices` (int32/int64 flat positions, ascending) + `<name>.values`
   lora        low-rank factors; the directory is at the same time a PEFT adapter
               (adapter_config.json + adapter_model.safetensors)
   experts     a partition of FFN neurons into experts plus routers (MoE-fication)
   mask        binary masks over base weights or neurons (subnetworks, clusters)
+
+For the kinds that hold a change φ of the base (delta, sparse, lora), every entry of `tensors` says how
+the change of one base tensor is stored (`shape` is the base tensor's shape, checked against the base):
+
+  {"storage": "dense",    "shape": [m, n], "file": "module", "key": NAME}             φ = the tensor
+  {"storage": "sparse",   "shape": [m, n], "file": "module", "indices": I, "values": V, "nnz": k}
+  {"storage": "lora",     "shape": [m, n], "file": "adapter_model", "A": KA, "B": KB, "rank": r,
+                          "scale": s, "layout": "linear" | "embedding"}
+        linear:    φ = s · B A        (PEFT lora_B (m, r), lora_A (r, n))
+        embedding: φ = s · (B A)ᵀ     (PEFT lora_embedding_B (n, r), lora_embedding_A (r, m))
+  {"storage": "absolute", "shape": [m, n], "file": "adapter_model", "key": K}         φ = tensor − base
+        (a PEFT adapter's saved modules and biases hold new values, not changes)
+
+A PEFT adapter made elsewhere has no module.json; `posthoc.modules.peft_format` synthesises one with an empty
+base fingerprint (its base is then checked by tensor names and shapes only).
 
 `base` names the base the module belongs to: its architecture and a fingerprint of its weights that is
 cheap to compute (names, shapes, dtypes and the first row of every tensor) and so cheap to check before a
@@ -120,6 +135,9 @@ class Manifest:
         for key in ("tags", "provenance"):
             if not isinstance(data.get(key, {}), dict):
                 raise ModuleError(f"{where}: field {key!r} must be a mapping")
+        if kind in CHANGE_KINDS:
+            for name, entry in tensors.items():
+                check_entry(kind, name, entry, where)
         return cls(
             kind=kind,
             base=BaseRef(base.get("architecture"), base["fingerprint"], base.get("source", ""), base.get("model_type")),
@@ -128,6 +146,47 @@ class Manifest:
             provenance=dict(data.get("provenance") or {}),
             posthoc_version=str(data.get("posthoc_version", "")),
         )
+
+
+CHANGE_KINDS = ("delta", "sparse", "lora")  # kinds whose tensors hold a change φ of the base
+STORAGES = {"delta": ("dense",), "sparse": ("sparse",), "lora": ("lora", "dense", "absolute")}
+_ENTRY_KEYS = {
+    "dense": ("key",),
+    "absolute": ("key",),
+    "sparse": ("indices", "values"),
+    "lora": ("A", "B"),
+}
+LAYOUTS = ("linear", "embedding")
+
+
+def check_entry(kind: str, name: str, entry: Any, where: str) -> None:
+    """One line naming the tensor and the field when an entry of a delta/sparse/lora manifest is malformed."""
+    if not isinstance(entry, dict):
+        raise ModuleError(f"{where}: entry for tensor {name!r} must be a mapping, got {entry!r}")
+    storage = entry.get("storage")
+    if storage not in STORAGES[kind]:
+        raise ModuleError(
+            f"{where}: tensor {name!r}: field 'storage' is {storage!r}; a {kind} module stores "
+            f"{' or '.join(STORAGES[kind])}"
+        )
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ModuleError(f"{where}: tensor {name!r}: field 'shape' must be a list of sizes, got {shape!r}")
+    for key in _ENTRY_KEYS[storage]:
+        if not isinstance(entry.get(key), str):
+            raise ModuleError(f"{where}: tensor {name!r}: field {key!r} (a stored tensor name) is missing")
+    if not isinstance(entry.get("file", ""), str):
+        raise ModuleError(f"{where}: tensor {name!r}: field 'file' must be a file stem")
+    if storage == "lora":
+        rank, scale = entry.get("rank"), entry.get("scale", 1.0)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ModuleError(f"{where}: tensor {name!r}: field 'rank' must be an int >= 1, got {rank!r}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise ModuleError(f"{where}: tensor {name!r}: field 'scale' must be a number, got {scale!r}")
+        if entry.get("layout", "linear") not in LAYOUTS:
+            raise ModuleError(f"{where}: tensor {name!r}: field 'layout' must be one of {', '.join(LAYOUTS)}")
+        if len(shape) != 2:
+            raise ModuleError(f"{where}: tensor {name!r}: a LoRA entry needs a 2-D base tensor, shape is {shape}")
 
 
 def is_module(path: str | os.PathLike[str]) -> bool:
@@ -152,9 +211,15 @@ def open_module_tensors(path: str | os.PathLike[str]) -> Checkpoint:
     return open_checkpoint(path)
 
 
-def check_base(manifest: Manifest, base: Checkpoint, where: str, *, allow_mismatch: bool = False) -> list[str]:
-    """Refuse a module made for another base (both fingerprints named); with `allow_mismatch`, warn instead."""
-    actual = fingerprint(base)
+def check_base(
+    manifest: Manifest, base: Checkpoint, where: str, *, allow_mismatch: bool = False, actual: str | None = None
+) -> list[str]:
+    """Refuse a module made for another base (both fingerprints named); with `allow_mismatch`, warn instead.
+
+    `actual` is the base's fingerprint when the caller has it already (it costs one small read per tensor)."""
+    if not manifest.base.fingerprint:  # a PEFT adapter made elsewhere: names and shapes are checked instead
+        return [f"{where}: no base fingerprint (a PEFT adapter made elsewhere); checked tensor names and shapes only"]
+    actual = actual or fingerprint(base)
     if actual == manifest.base.fingerprint:
         return []
     message = (

@@ -1,0 +1,523 @@
+"""MoE-fication (Zhang et al. 2022) of trained dense transformers, for ReLU, GELU and SwiGLU FFNs.
+
+    moe = MoEfier(experts=16, top_k=4, partition="kmeans", router="mlp").fit(model_dir, "bbc:train")
+    moe.save(out_dir)                    # dense checkpoint (neurons permuted) + routers + partition
+    model = posthoc.load(out_dir, top_k=4)
+
+What `fit` does, per FFN (one streaming pass over the calibration text collects everything):
+1. statistics: neuron moments, how often each neuron is among a token's most active (shared expert,
+   co-activation graph), and a uniform sample of FFN inputs x (routers, budgets, compensation);
+2. shared expert (optional): the `shared` fraction of neurons most often among a token's top neurons
+   (CMoE) are computed for every token;
+3. partition of the other neurons into E experts (`posthoc.analyse.partition`);
+4. routers on the sampled inputs: the centroid router (free) and, if asked, MoEfication's MLP router
+   trained to predict every expert's activation mass (normalised by the token's largest), 90/10 split
+   with early stopping; the oracle needs no training (it computes every neuron: evaluation only);
+5. levers for non-ReLU models: per-layer budgets (greedy on the measured output error), threshold
+   routing (a variable number of experts per token at the same average), compensation of skipped
+   experts by their calibration-mean output; then optional healing (`posthoc.analyse.heal`).
+
+Neuron activation is defined once, in `posthoc.analyse.ffn` (magnitude |h| or output-aware |h|·‖W_down‖).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posthoc.analyse.activations import ActiveCounts, CoActivation, InputSample, Moments, collect
+from posthoc.analyse.calibration import CalibrationData
+from posthoc.analyse.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
+from posthoc.analyse.moe_layers import (
+    ROUTERS,
+    ROUTINGS,
+    CentroidRouter,
+    MLPRouter,
+    MoEFFN,
+    install_moe,
+    unit_scores,
+)
+from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
+from posthoc.analyse.partition import PARTITIONS, expert_sizes, order_from_labels, partition_neurons
+from posthoc.errors import ConfigError, DataError
+from posthoc.modules.format import ModuleError
+
+log = logging.getLogger(__name__)
+
+PARAMS = ParamTable("MoEfier", [
+    Param("experts", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Routed experts per FFN."),
+    Param("top_k", 4, "an int in [1, experts]", lambda v, p: is_int(v) and 1 <= v <= p.get("experts", 16),
+          "Experts computed per token (the average, with threshold routing or per-layer budgets)."),
+    choice("partition", "kmeans", PARTITIONS, "How neurons are grouped into experts."),
+    choice("router", "mlp", ROUTERS, "Router used at run time (oracle computes every neuron: evaluation only)."),
+    Param("shared", 0.0, "a number in [0, 1)", lambda v, p: is_number(v) and 0 <= v < 1,
+          "Fraction of neurons in an always-on shared expert (the most often active ones)."),
+    choice("score", "magnitude", SCORES, "Neuron activation score: |h| or output-aware |h|·‖W_down column‖."),
+    choice("routing", "topk", ROUTINGS, "topk: k experts per token; threshold: a variable number at the same average."),
+    choice("layer_budget", "uniform", ("uniform", "greedy"),
+           "greedy: more experts where the measured output error is largest, same total."),
+    Param("compensation", False, "a bool", lambda v, p: isinstance(v, bool),
+          "Add the calibration-mean output of skipped experts (FLAP-style bias)."),
+    Param("lora_rank", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
+          "Rank of a linear term parallel to each MoE FFN that predicts what the skipped experts add: fitted "
+          "by reduced-rank regression on the calibration inputs, refined by healing (0: none)."),
+    Param("layer_heal_epochs", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
+          "Epochs of layer-wise distillation (FFN output MSE on the cached calibration inputs) of routers, "
+          "expert scales and LoRA: cheap, no backpropagation through the model."),
+    Param("heal_steps", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
+          "Steps of whole-model distillation of routers, expert scales (and LoRA) towards the dense model."),
+    Param("heal_lr", 1e-3, "a number > 0", lambda v, p: is_number(v) and v > 0, "Healing learning rate."),
+    Param("heal_batch_size", 8, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per healing step."),
+    Param("max_tokens", 50_000, "an int >= 1", lambda v, p: is_int(v) and v >= 1,
+          "Calibration tokens streamed through the model."),
+    Param("router_tokens", 20_000, "an int >= 64", lambda v, p: is_int(v) and v >= 64,
+          "FFN inputs sampled per layer to train and check routers."),
+    Param("router_epochs", 30, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "MLP router epochs."),
+    Param("router_hidden", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1),
+          "MLP router hidden width (None: the number of experts, as MoEfication)."),
+    Param("coactivation_fraction", 0.1, "a number in (0, 1]", lambda v, p: is_number(v) and 0 < v <= 1,
+          "A neuron is active on a token when among the token's top fraction of scores."),
+    choice("kmeans_rows", "gate", ("gate", "up", "both"), "GLU FFNs: which first-matrix rows k-means and the centroid router use."),
+    Param("max_length", 128, "an int >= 8", lambda v, p: is_int(v) and v >= 8, "Tokens per calibration sequence."),
+    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per forward pass."),
+    Param("seed", 0, "an int", lambda v, p: is_int(v), "Seed of partitions, samples and training."),
+    Param("ffn_modules", None, "None or 'up=P,down=P[,gate=P][,act=NAME]'",
+          lambda v, p: v is None or isinstance(v, (str, dict)), "FFN modules of models posthoc does not know."),
+    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars."),
+    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads."),
+])
+
+
+class MoEError(ModuleError):
+    """An MoE-fication output is missing, malformed, or from another posthoc version."""
+
+
+class MoEfier:
+    """Split every FFN of a trained dense transformer into experts with routers (estimator contract).
+
+    Learned attributes (after `fit`): ffns_, orders_ (per FFN: new position j holds original neuron
+    orders_[l][j]), sizes_ (routed expert sizes), shared_ (always-on neurons, first in the order),
+    routers_ ({"centroid": module, "mlp": module}), top_k_ and thresholds_ (per FFN), compensation_
+    ((E, d) per FFN or None), heal_state_ (expert scales, LoRA), recall_ (router recall of the oracle's
+    mass per FFN and router), tokens_, timings_, source_ (checkpoint directory, when fitted from one).
+    """
+
+    def __init__(self, **params: Any):
+        unknown = sorted(set(params) - set(PARAMS.params))
+        if unknown:
+            raise ConfigError(f"MoEfier has no parameter {unknown[0]!r}; parameters: {', '.join(PARAMS.params)}")
+        self.params = {**PARAMS.defaults(), **params}
+        for name, value in self.params.items():
+            setattr(self, name, value)
+
+    def get_params(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def fit(self, model: Any, data: Any, *, tokenizer: Any = None, activations: Any = None) -> MoEfier:
+        """Learn partitions and routers. model: a checkpoint spec (directory, GGUF, hub id) or a loaded
+        transformers model (then pass `tokenizer`); data: calibration texts (see `load_calibration`).
+
+        activations: statistics already collected on `data` (`collect(..., self.statistics())` or a
+        superset): several MoEfiers with different settings then share one pass over the text."""
+        from posthoc.analyse.evaluate import load_model
+        from posthoc.finetune import torch_threads
+
+        PARAMS.validate(self.params)
+        started = time.perf_counter()
+        self.source_ = None
+        if isinstance(model, (str, os.PathLike)):
+            model, tokenizer, self.source_ = load_model(model)
+        elif tokenizer is None:
+            raise ConfigError("MoEfier.fit: pass tokenizer= with a loaded model (or give a checkpoint path)")
+        data = CalibrationData.of(data)
+        if len(data) == 0:
+            raise DataError("calibration data holds no text")
+        self.ffns_ = find_ffns(model, self.ffn_modules)
+        self._check_shapes(model)
+        timings: dict[str, float] = {}
+        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            t0 = time.perf_counter()
+            acts = self._collect(model, tokenizer, data) if activations is None else self._check_activations(activations)
+            timings["collect"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._fit_layers(model, acts)
+            timings["partition_and_routers"] = time.perf_counter() - t0
+            if getattr(self, "layer_heal_seconds_", None):
+                timings["layer_heal"] = self.layer_heal_seconds_
+            if self.heal_state_ is None:
+                self.heal_state_ = [{} for _ in self.ffns_]
+            self.heal_log_ = None
+            if self.heal_steps > 0 and self.router != "oracle":
+                from posthoc.analyse.heal import heal
+
+                t0 = time.perf_counter()
+                self.heal_log_ = heal(self, model, tokenizer, data)
+                timings["heal"] = time.perf_counter() - t0
+        self.tokens_ = acts.tokens
+        self.calibration_ = data.name
+        timings["total"] = time.perf_counter() - started
+        self.timings_ = timings
+        self.model_type_ = getattr(model.config, "model_type", None)
+        return self
+
+    def _check_shapes(self, model: nn.Module) -> None:
+        for ffn in self.ffns_:
+            d_ff = ffn.modules(model)[0].out_features
+            n_shared = round(self.shared * d_ff)
+            routed = d_ff - n_shared
+            if self.experts > routed:
+                raise ConfigError(
+                    f"The 'experts' parameter of MoEfier must be an int in [1, {routed}] for {ffn.name} "
+                    f"({d_ff} neurons, {n_shared} shared). Got {self.experts} instead."
+                )
+
+    def statistics(self) -> list[Any]:
+        """The statistics `fit` collects (see `posthoc.analyse.activations`)."""
+        stats = [Moments(), InputSample(self.router_tokens, seed=self.seed)]
+        if self.shared > 0:
+            stats.append(ActiveCounts(top_fraction=self.coactivation_fraction, score=self.score))
+        if self.partition == "coactivation":
+            stats.append(CoActivation(top_fraction=self.coactivation_fraction, score=self.score))
+        return stats
+
+    def _collect(self, model: nn.Module, tokenizer: Any, data: CalibrationData):
+        acts = collect(model, data, self.statistics(), tokenizer=tokenizer, ffns=self.ffns_,
+                       max_tokens=self.max_tokens, max_length=self.max_length, batch_size=self.batch_size,
+                       progress=self.progress)
+        return self._check_activations(acts, data.name)
+
+    def _check_activations(self, acts: Any, name: str = "calibration") -> Any:
+        have = set(acts.statistics[0]) if acts.statistics else set()
+        missing = sorted({s.name for s in self.statistics()} - have)
+        if missing:
+            raise ConfigError(f"the activations given to MoEfier.fit lack {missing}; collect self.statistics()")
+        if [f.index for f in acts.ffns] != [f.index for f in self.ffns_]:
+            raise ConfigError("the activations given to MoEfier.fit do not cover every FFN of the model")
+        needed = max(64, 8 * self.experts)
+        if acts.tokens < needed:
+            raise DataError(
+                f"calibration data {name!r} gave {acts.tokens} tokens; MoE-fication into {self.experts} experts "
+                f"needs at least {needed} (router training holds 10 % out): give more text or raise --max-tokens"
+            )
+        return acts
+
+    def _fit_layers(self, model: nn.Module, acts) -> None:
+        n_layers = len(self.ffns_)
+        self.top_k_, self.thresholds_ = [self.top_k] * n_layers, [None] * n_layers
+        self.compensation_, self.heal_state_ = None, None
+        self.orders_, self.sizes_, self.shared_, self.routers_ = [], [], [], []
+        self.recall_, self.router_curves_ = [], []
+        samples: list[torch.Tensor] = []
+        for ffn in self.ffns_:
+            w = ffn_weights(model, ffn)
+            d_ff = w.d_ff
+            n_shared = round(self.shared * d_ff)
+            if n_shared:
+                frequency = acts.result(ffn.index, "active")["active"]
+                shared_idx = frequency.argsort(descending=True, stable=True)[:n_shared].sort().values
+            else:
+                shared_idx = torch.empty(0, dtype=torch.long)
+            routed = torch.ones(d_ff, dtype=torch.bool)
+            routed[shared_idx] = False
+            routed_idx = routed.nonzero().flatten()
+            sizes = expert_sizes(len(routed_idx), self.experts)
+            counts = None
+            if self.partition == "coactivation":
+                counts = acts.result(ffn.index, "coactivation")["counts"][routed_idx][:, routed_idx]
+            labels = partition_neurons(
+                self.partition, sizes, rows=self._rows(w)[routed_idx], coactivation=counts, seed=self.seed + ffn.index
+            )
+            order = torch.cat([shared_idx, routed_idx[order_from_labels(labels, sizes)]])
+            self.orders_.append(order)
+            self.sizes_.append(sizes)
+            self.shared_.append(n_shared)
+            x = acts.result(ffn.index, "inputs")["x"].float()
+            samples.append(x)
+            if ffn.index == self.ffns_[0].index:
+                self.speed_inputs_ = x[:2048].clone()  # real FFN inputs for speed measurements (not saved)
+            pw = w.permuted(order)
+            routers, recall, curve = self._fit_routers(pw, sizes, n_shared, x, ffn.index)
+            self.routers_.append(routers)
+            self.recall_.append(recall)
+            self.router_curves_.append(curve)
+        self._fit_budgets(model, samples)
+        if (self.lora_rank or self.layer_heal_epochs) and self.router != "oracle":
+            from posthoc.analyse.heal import heal_layers
+
+            t0 = time.perf_counter()
+            self.heal_state_ = heal_layers(self, model, samples)
+            self.layer_heal_seconds_ = time.perf_counter() - t0
+
+    def _rows(self, w: FFNWeights) -> torch.Tensor:
+        """Rows of the first matrix that describe when a neuron fires (k-means space, centroid router).
+
+        GLU (SwiGLU) FFNs: h = silu(g·x)·(u·x). The gate decides *whether* a neuron is on (silu is ~0 for
+        negative g·x, like ReLU's first matrix in MoEfication), and the sign of g·x matters, while the up
+        row only scales the output and its sign is irrelevant to |h|. So k-means runs on the normalised
+        gate rows by default; 'up' and 'both' (the two normalised rows side by side) are options.
+        """
+        if w.gate is None or self.kmeans_rows == "up":
+            return w.up
+        if self.kmeans_rows == "gate":
+            return w.gate
+        return torch.cat([nn.functional.normalize(w.gate, dim=1), nn.functional.normalize(w.up, dim=1)], 1)
+
+    def _centroids(self, pw: FFNWeights, sizes: list[int], n_shared: int) -> torch.Tensor:
+        rows = nn.functional.normalize(self._rows(pw).float(), dim=1)
+        if rows.shape[1] != pw.d_model:  # 'both': centroid of the gate half (the router reads x in d dims)
+            rows = rows[:, : pw.d_model]
+        centres = torch.stack([rows[n_shared + s - z : n_shared + s].mean(0) for s, z in zip(_ends(sizes), sizes)])
+        return nn.functional.normalize(centres, dim=1)
+
+    def _fit_routers(
+        self, pw: FFNWeights, sizes: list[int], n_shared: int, x: torch.Tensor, index: int
+    ) -> tuple[dict[str, nn.Module], dict[str, float], list[float]]:
+        """Centroid router (from weights) and MLP router (trained on the sample); recall on held-out tokens."""
+        d, e = pw.d_model, len(sizes)
+        centroid = CentroidRouter(d, e)
+        with torch.no_grad():
+            centroid.weight.copy_(self._centroids(pw, sizes, n_shared))
+        routers: dict[str, nn.Module] = {"centroid": centroid}
+        mass = expert_mass(pw, sizes, n_shared, x, self.score)  # (n, E)
+        n = x.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + index))
+        n_val = max(8, n // 10)
+        val, train = perm[:n_val], perm[n_val:]
+        curve: list[float] = []
+        if self.router == "mlp":
+            mlp = MLPRouter(d, e, self.router_hidden)
+            with torch.no_grad():
+                if mlp.first.weight.shape[0] == e:
+                    mlp.first.weight.copy_(centroid.weight)
+                    mlp.first.bias.zero_()
+                    mlp.second.weight.copy_(torch.eye(e))
+                    mlp.second.bias.zero_()
+            curve = train_router(mlp, x[train], mass[train], x[val], mass[val], epochs=self.router_epochs,
+                                 seed=self.seed + index)
+            routers["mlp"] = mlp
+        k = min(self.top_k, e)
+        recall = {name: router_recall(r(x[val]).detach(), mass[val], k) for name, r in routers.items()}
+        return routers, recall, curve
+
+    def _fit_budgets(self, model: nn.Module, samples: list[torch.Tensor]) -> None:
+        """Per-layer k (uniform or greedy), thresholds for threshold routing, compensation vectors."""
+        n_layers = len(self.ffns_)
+        layers = [self.build_layer(model, i, permuted=False) for i in range(n_layers)]
+        if self.layer_budget == "greedy":
+            errors = [output_errors(layer, x[:2048]) for layer, x in zip(layers, samples)]  # (E,) each
+            self.top_k_ = greedy_budget(errors, self.top_k * n_layers, k_min=1)
+            self.layer_errors_ = [e.tolist() for e in errors]
+        if self.routing == "threshold":
+            for i, (layer, x) in enumerate(zip(layers, samples)):
+                with torch.no_grad():
+                    self.thresholds_[i] = calibrate_threshold(unit_scores(layer, layer.router_scores(x)), self.top_k_[i])
+        if self.compensation:
+            self.compensation_ = []
+            for i, (layer, x) in enumerate(zip(layers, samples)):
+                layer.set_routing(top_k=self.top_k_[i], routing=self.routing, threshold=self.thresholds_[i])
+                self.compensation_.append(skipped_means(layer, x))
+
+    # ------------------------------------------------------------------------------------------ runtime
+
+    def build_layer(
+        self, model: nn.Module, i: int, *, permuted: bool, router: str | None = None, top_k: int | None = None
+    ) -> MoEFFN:
+        """The MoE layer of FFN i; `permuted` says whether the model's weights are already in expert order."""
+        ffn = self.ffns_[i]
+        w = ffn_weights(model, ffn)
+        if not permuted:
+            w = w.permuted(self.orders_[i])
+        kind = router or self.router
+        if kind != "oracle" and kind not in self.routers_[i]:
+            raise ConfigError(f"router {kind!r} was not trained; available: {', '.join([*self.routers_[i], 'oracle'])}")
+        module = None if kind == "oracle" else copy.deepcopy(self.routers_[i][kind])
+        k = top_k if top_k is not None else getattr(self, "top_k_", [self.top_k] * len(self.ffns_))[i]
+        if not 1 <= k <= len(self.sizes_[i]):
+            raise ConfigError(
+                f"The 'top_k' parameter must be an int in [1, experts={len(self.sizes_[i])}]. Got {k} instead."
+            )
+        threshold = getattr(self, "thresholds_", [None] * len(self.ffns_))[i]
+        routing = self.routing if (threshold is not None and top_k is None) else "topk"
+        layer = MoEFFN(w, self.sizes_[i], self.shared_[i], module, top_k=k, routing=routing, threshold=threshold,
+                       score=self.score, lora_rank=self.lora_rank)
+        comp = getattr(self, "compensation_", None)
+        if comp is not None:
+            layer.compensation.copy_(comp[i])
+            layer.use_compensation = True
+        state = getattr(self, "heal_state_", None)
+        if state and state[i]:
+            layer.load_state_dict(state[i], strict=False)
+        return layer.eval()
+
+    def apply(
+        self, model: nn.Module, *, permuted: bool = False, router: str | None = None, top_k: int | None = None
+    ) -> nn.Module:
+        """Install MoE layers into `model` (in place) and return it. `permuted=True` for a model loaded
+        from this analyser's output (weights already in expert order)."""
+        self._resolve_ffns(model)
+        for i, ffn in enumerate(self.ffns_):
+            install_moe(model, ffn, self.build_layer(model, i, permuted=permuted, router=router, top_k=top_k))
+        return model
+
+    def _resolve_ffns(self, model: nn.Module) -> None:
+        """After `load`, find the FFNs in the model and check they are the ones the output describes."""
+        if self.ffns_ is not None:
+            return
+        ffns = find_ffns(model, self.ffn_modules)
+        saved = [(s["up"], s["down"], s.get("gate")) for s in self.ffn_specs_]
+        if [(f.up, f.down, f.gate) for f in ffns] != saved:
+            raise MoEError(
+                f"the model's FFNs ({len(ffns)}, first {ffns[0].up}) are not the ones the MoE output describes "
+                f"({len(saved)}, first {saved[0][0]}): was the checkpoint replaced?"
+            )
+        self.ffns_ = ffns
+
+    # ------------------------------------------------------------------------------------------ save / load
+
+    def save(self, out_dir: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+             force: bool = False, report: Any = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write OUT_DIR: the base checkpoint with FFN neurons in expert order (transformers loads it as
+        the same dense model), `experts.safetensors` + `experts.json` (partition, routers, budgets),
+        `module.json` (a posthoc module of kind "experts") and the report, atomically."""
+        from posthoc.analyse.moe_io import write_output
+
+        base = base or self.source_
+        if base is None:
+            raise ConfigError("MoEfier.save: the model was given in memory; pass base= the checkpoint it was loaded from")
+        return write_output(self, Path(base), Path(out_dir), force=force, report=report, extra=extra or {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> MoEfier:
+        from posthoc.analyse.moe_io import read_output
+
+        return read_output(cls, Path(directory))
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def _ends(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes:
+        total += s
+        out.append(total)
+    return out
+
+
+def expert_mass(pw: FFNWeights, sizes: list[int], n_shared: int, x: torch.Tensor, score: str) -> torch.Tensor:
+    """(n, E) activation mass of every routed expert on every sampled token (weights in expert order)."""
+    out = []
+    norms = pw.down_norms()
+    for start in range(0, x.shape[0], 4096):
+        s = neuron_scores(pw.hidden(x[start : start + 4096]), norms, score)[:, n_shared:]
+        index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        out.append(torch.zeros(s.shape[0], len(sizes)).index_add_(1, index, s))
+    return torch.cat(out)
+
+
+def train_router(
+    router: MLPRouter, x: torch.Tensor, mass: torch.Tensor, x_val: torch.Tensor, mass_val: torch.Tensor,
+    *, epochs: int = 30, batch_size: int = 512, lr: float = 0.01, seed: int = 0, patience: int = 5,
+) -> list[float]:
+    """MoEfication's recipe: BCE between the router's logits and each expert's mass normalised by the
+    token's largest, Adam lr 0.01, batch 512; the epoch with the lowest held-out loss is kept."""
+    target = mass / mass.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    target_val = mass_val / mass_val.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(seed)
+    best, best_state, curve, bad = math.inf, copy.deepcopy(router.state_dict()), [], 0
+    for _ in range(epochs):
+        router.train()
+        for idx in torch.randperm(x.shape[0], generator=generator).split(batch_size):
+            loss = loss_fn(router(x[idx]), target[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        router.eval()
+        with torch.no_grad():
+            val = float(loss_fn(router(x_val), target_val))
+        curve.append(val)
+        if val < best - 1e-6:
+            best, best_state, bad = val, copy.deepcopy(router.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    router.load_state_dict(best_state)
+    return curve
+
+
+def router_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
+    """Mean over tokens of (mass of the router's top-k) / (mass of the oracle's top-k)."""
+    chosen = mass.gather(1, scores.topk(k, dim=1).indices).sum(1)
+    best = mass.topk(k, dim=1).values.sum(1).clamp(min=1e-12)
+    return float((chosen / best).mean())
+
+
+@torch.no_grad()
+def output_errors(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """(E,) mean squared error of the FFN output with the router's top-k experts, k = 1..E (k = E: 0)."""
+    h = layer.hidden_all(x)
+    dense = h @ layer.down_t  # (n, d); the bias cancels
+    ranked = layer.router_scores(x).argsort(dim=1, descending=True)  # (n, E)
+    shared = h[:, : layer.shared] @ layer.down_t[: layer.shared]
+    partial = torch.stack([h[:, lo:hi] @ layer.down_t[lo:hi] for lo, hi in zip(layer.offsets[:-1], layer.offsets[1:])], 1)
+    ordered = partial.gather(1, ranked[:, :, None].expand_as(partial))  # (n, E, d) in router order
+    approx = shared[:, None] + ordered.cumsum(1)  # (n, E, d): top-1, top-2, … outputs
+    return (approx - dense[:, None]).square().sum(-1).mean(0)
+
+
+def greedy_budget(errors: list[torch.Tensor], total: int, k_min: int = 1) -> list[int]:
+    """Per-layer k with Σ k = total: start at k_min everywhere, then give one expert at a time to the
+    layer whose error drops most (TEAL-style greedy allocation)."""
+    ks = [k_min] * len(errors)
+    if total < k_min * len(errors):
+        raise ConfigError(f"a total of {total} experts cannot give each of {len(errors)} layers {k_min}")
+    for _ in range(total - sum(ks)):
+        gains = [
+            float(err[k - 1] - err[k]) if k < len(err) else -math.inf for err, k in zip(errors, ks)
+        ]
+        best = max(range(len(ks)), key=lambda i: gains[i])
+        ks[best] += 1
+    return ks
+
+
+def calibrate_threshold(unit: torch.Tensor, k: float) -> float:
+    """Threshold τ on per-token unit scores (T, E) such that the mean of max(1, #{u >= τ}) is about k."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        count = (unit >= mid).sum(1).clamp(min=1).float().mean().item()
+        if count > k:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@torch.no_grad()
+def skipped_means(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """(E, d): each expert's mean output over the sampled tokens on which the router skips it (FLAP's
+    bias compensation, conditioned on being skipped: at run time Σ_{e∉S(x)} c_e is added)."""
+    tokens, experts = layer.select(layer.router_scores(x))
+    chosen = torch.zeros(x.shape[0], layer.experts, dtype=torch.bool)
+    chosen[tokens, experts] = True
+    h = layer.hidden_all(x)
+    out = torch.zeros(layer.experts, layer.d_model)
+    for e, (lo, hi) in enumerate(zip(layer.offsets[:-1], layer.offsets[1:])):
+        skipped = ~chosen[:, e]
+        if skipped.any():
+            out[e] = h[skipped, lo:hi].mean(0) @ layer.down_t[lo:hi]
+    return out

@@ -1,0 +1,344 @@
+"""Runtime MoE layers: routers, and an FFN that computes only the experts each token is routed to.
+
+Layout. The FFN's neurons are stored expert-contiguous (the permutation MoE-fication writes into the
+checkpoint): [shared | expert 0 | expert 1 | … | expert E-1], `offsets` marking the boundaries. A token
+computes the shared neurons (if any) and its selected experts, nothing else:
+
+    y = W_down,shared h_shared(x) + Σ_{e ∈ S(x)} w_e(x) · W_down,e h_e(x) + b_down
+        + Σ_{e ∉ S(x)} c_e                      (compensation: calibration-mean output of skipped experts)
+        + B A x                                 (optional low-rank term, LoRA-style, B initialised to 0)
+    w_e(x) = 1 + α_e · σ(r_e(x))                (expert scales, α initialised to 0: trained by healing)
+
+S(x) is the top-k experts of the router's scores r(x) ("topk"), or every expert whose score clears a
+per-layer threshold calibrated to an average of k experts ("threshold": a variable number per token,
+at least one). Tokens are grouped by expert: one gather, one matmul pair per expert, one scatter-add;
+no dense fallback. With k = E and no compensation/LoRA, y equals the dense FFN up to float round-off.
+
+Installation. `install_moe` puts the `MoEFFN` in place of the FFN's up-projection module and turns the
+gate and down projections into pass-throughs: the MoE output skips the (element-wise) activation code of
+the original block, which then runs on an empty (…, 0) tensor. This works for any FFN posthoc can find
+(BERT's intermediate/output split included) without rewriting model classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from posthoc.analyse.ffn import FFN, FFNWeights, get_module
+from posthoc.errors import ConfigError
+
+ROUTERS = ("centroid", "mlp", "oracle")
+ROUTINGS = ("topk", "threshold")
+
+
+class CentroidRouter(nn.Module):
+    """Similarity router: score_e = c_e · x, c_e the normalised mean of the expert's normalised rows."""
+
+    def __init__(self, d: int, experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, d) -> (T, E)
+        return x @ self.weight.T
+
+
+class MLPRouter(nn.Module):
+    """MoEfication's MLP router: Linear(d→hidden) initialised from the centroids, tanh, Linear(hidden→E)
+    initialised to the identity; its logits predict each expert's share of activation mass (sigmoid)."""
+
+    def __init__(self, d: int, experts: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or experts
+        self.first = nn.Linear(d, hidden)
+        self.second = nn.Linear(hidden, experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, d) -> (T, E) logits
+        return self.second(torch.tanh(self.first(x)))
+
+
+def make_router(kind: str, d: int, experts: int, hidden: int | None = None) -> nn.Module | None:
+    if kind == "centroid":
+        return CentroidRouter(d, experts)
+    if kind == "mlp":
+        return MLPRouter(d, experts, hidden)
+    if kind == "oracle":
+        return None
+    raise ConfigError(f"router {kind!r} is unknown; use one of {', '.join(ROUTERS)}")
+
+
+class MoEFFN(nn.Module):
+    """An FFN split into a shared expert and E routed experts (see the module docstring).
+
+    weights: the FFN's weights already in expert-contiguous order; sizes: routed expert sizes;
+    shared: number of always-on neurons (first in the order).
+    """
+
+    def __init__(
+        self,
+        weights: FFNWeights,
+        sizes: list[int],
+        shared: int,
+        router: nn.Module | None,
+        *,
+        top_k: int,
+        routing: str = "topk",
+        threshold: float | None = None,
+        score: str = "magnitude",
+        lora_rank: int = 0,
+    ):
+        super().__init__()
+        self.experts = len(sizes)
+        self.d_model, self.d_ff = weights.d_model, weights.d_ff
+        if sum(sizes) + shared != self.d_ff:
+            raise ConfigError(f"expert sizes {sum(sizes)} + shared {shared} != FFN width {self.d_ff}")
+        self.sizes, self.shared = list(sizes), shared
+        self.offsets = [shared]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.act = weights.act
+        self.glu = weights.gate is not None
+        self.score = score
+        # The first matrix, block by block (shared, expert 0, …): [gate rows; up rows] of the block for GLU
+        # FFNs, up rows otherwise, so every expert's first matrix is one contiguous slice of rows
+        # [first_start[e], first_start[e+1]) and each expert costs two plain matmuls.
+        blocks = [(0, shared)] + [(self.offsets[e], self.offsets[e + 1]) for e in range(self.experts)]
+        if self.glu:
+            rows = torch.cat([torch.arange(lo, hi) + j * self.d_ff for lo, hi in blocks for j in (0, 1)])
+            stacked_w = torch.cat([weights.gate, weights.up], 0)
+            zeros = torch.zeros(self.d_ff)
+            has_bias = weights.gate_bias is not None or weights.up_bias is not None
+            stacked_b = torch.cat([
+                weights.gate_bias if weights.gate_bias is not None else zeros,
+                weights.up_bias if weights.up_bias is not None else zeros,
+            ]) if has_bias else None
+        else:
+            rows = torch.arange(self.d_ff)
+            stacked_w, stacked_b = weights.up, weights.up_bias
+        self.first_weight = nn.Parameter(stacked_w[rows].contiguous(), requires_grad=False)
+        self.first_bias = None if stacked_b is None else nn.Parameter(stacked_b[rows].contiguous(), requires_grad=False)
+        # where neuron i's gate and up rows sit in first_weight (for computing every neuron at once)
+        position = torch.empty_like(rows)
+        position[rows] = torch.arange(len(rows))
+        self.register_buffer("gate_rows", position[: self.d_ff] if self.glu else position, persistent=False)
+        self.register_buffer("up_rows", position[self.d_ff :] if self.glu else position, persistent=False)
+        width = 2 if self.glu else 1
+        self.first_start = [width * lo for lo, _ in blocks] + [width * self.d_ff]
+        self.down_t = nn.Parameter(weights.down.T.contiguous(), requires_grad=False)  # (d_ff, d)
+        self.down_bias = None if weights.down_bias is None else nn.Parameter(weights.down_bias.clone(), requires_grad=False)
+        self.router = router
+        self.alpha = nn.Parameter(torch.zeros(self.experts), requires_grad=False)  # expert scales (healing)
+        self.register_buffer("compensation", torch.zeros(self.experts, self.d_model))  # c_e
+        self.use_compensation = False
+        self.lora_a = nn.Parameter(torch.randn(lora_rank, self.d_model) * (1 / self.d_model**0.5)) if lora_rank else None
+        self.lora_b = nn.Parameter(torch.zeros(self.d_model, lora_rank)) if lora_rank else None
+        self.set_routing(top_k=top_k, routing=routing, threshold=threshold)
+        self.dense = False  # True: compute every neuron (the dense FFN), for teachers and checks
+
+    # ------------------------------------------------------------------------------------ settings
+
+    def set_routing(self, *, top_k: int | None = None, routing: str | None = None, threshold: float | None = None) -> None:
+        if top_k is not None:
+            if not 1 <= top_k <= self.experts:
+                raise ConfigError(f"The 'top_k' parameter must be an int in [1, experts={self.experts}]. Got {top_k} instead.")
+            self.top_k = int(top_k)
+        if routing is not None:
+            if routing not in ROUTINGS:
+                raise ConfigError(f"routing {routing!r} is unknown; use one of {', '.join(ROUTINGS)}")
+            self.routing = routing
+        if threshold is not None or routing == "topk":
+            self.threshold = threshold
+        if self.routing == "threshold" and self.threshold is None:
+            raise ConfigError("threshold routing needs a calibrated threshold (fit with routing='threshold')")
+
+    # ------------------------------------------------------------------------------------ pieces
+
+    def _rows(self, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """First-matrix rows (and bias) of block 0 = shared, 1 + e = expert e."""
+        lo, hi = self.first_start[block], self.first_start[block + 1]
+        return self.first_weight[lo:hi], None if self.first_bias is None else self.first_bias[lo:hi]
+
+    def _hidden(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        pre = torch.addmm(b, x, w.T) if b is not None else x @ w.T
+        if not self.glu:
+            return self.act(pre)
+        gate, up = pre.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def hidden_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every neuron's activation (T, d_ff), in the stored order (dense; oracle and checks only)."""
+        pre = x @ self.first_weight.T
+        if self.first_bias is not None:
+            pre = pre + self.first_bias
+        if not self.glu:
+            return self.act(pre)
+        return self.act(pre[:, self.gate_rows]) * pre[:, self.up_rows]
+
+    def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
+        """Activation mass per routed expert (T, E) from all neurons' activations (T, d_ff)."""
+        from posthoc.analyse.ffn import neuron_scores
+
+        s = neuron_scores(h[:, self.shared :], self.down_t[self.shared :].norm(dim=1), self.score)
+        index = torch.repeat_interleave(torch.arange(self.experts, device=h.device), torch.tensor(self.sizes))
+        return torch.zeros(h.shape[0], self.experts, dtype=s.dtype).index_add_(1, index, s)
+
+    def router_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E): higher means more useful. The oracle computes the true masses (every neuron)."""
+        if self.router is None:
+            return self.expert_mass(self.hidden_all(x))
+        return self.router(x)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token index, expert index) pairs, each (P,), of the experts computed."""
+        t = scores.shape[0]
+        if self.routing == "topk" or self.top_k == self.experts:
+            experts = scores.topk(self.top_k, dim=1).indices  # (T, k)
+            tokens = torch.arange(t, device=scores.device)[:, None].expand_as(experts)
+            return tokens.reshape(-1), experts.reshape(-1)
+        normalised = unit_scores(self, scores)  # (T, E) in [0, 1], per-token max = 1
+        chosen = normalised >= self.threshold
+        chosen[torch.arange(t), normalised.argmax(1)] = True  # at least one expert
+        tokens, experts = chosen.nonzero(as_tuple=True)
+        return tokens, experts
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.dense:
+            y = self.hidden_all(x2) @ self.down_t
+            if self.down_bias is not None:
+                y = y + self.down_bias
+            return y.reshape(*shape[:-1], self.d_model)
+        y = self._moe(x2)
+        return y.reshape(*shape[:-1], self.d_model)
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        if self.down_bias is not None:
+            y = self.down_bias.expand(t, -1).clone()
+        else:
+            y = x.new_zeros(t, self.d_model)
+        if self.shared:
+            h = self._hidden(x, *self._rows(0))
+            y = torch.addmm(y, h, self.down_t[: self.shared])
+        scores = self.router_scores(x)  # (T, E)
+        tokens, experts = self.select(scores)
+        order = experts.argsort(stable=True)
+        tokens, experts = tokens[order], experts[order]
+        counts = torch.bincount(experts, minlength=self.experts).tolist()
+        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+        if weighted:
+            gate = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
+        xs = x.index_select(0, tokens)  # (P, d), grouped by expert
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            lo, hi = self.offsets[e], self.offsets[e + 1]
+            h = self._hidden(xs[start : start + n], *self._rows(e + 1))
+            out = h @ self.down_t[lo:hi]
+            if weighted:
+                out = out * gate[start : start + n, None]
+            outs.append(out)
+            start += n
+        if outs:
+            y = y.index_add(0, tokens, torch.cat(outs))
+        if self.use_compensation:
+            # Σ_{e ∉ S} c_e = Σ_e c_e − Σ_{e ∈ S} c_e
+            skipped = self.compensation.sum(0).expand(t, -1) - torch.zeros_like(y).index_add_(
+                0, tokens, self.compensation[experts]
+            )
+            y = y + skipped
+        if self.lora_a is not None:
+            y = y + (x @ self.lora_a.T) @ self.lora_b.T
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, experts={self.experts}, shared={self.shared}, "
+                f"top_k={self.top_k}, routing={self.routing}, router={type(self.router).__name__ if self.router else 'oracle'}")
+
+
+def unit_scores(layer: MoEFFN, scores: torch.Tensor) -> torch.Tensor:
+    """Router scores mapped to [0, 1] with each token's best expert at 1 (threshold routing's scale):
+    the MLP router's predicted masses (sigmoid of its logits) and the oracle's true masses are divided
+    by the token's largest; centroid similarities are min-max scaled per token."""
+    if layer.router is None or isinstance(layer.router, MLPRouter):
+        s = scores if layer.router is None else torch.sigmoid(scores)
+    else:
+        s = scores - scores.min(dim=1, keepdim=True).values
+    return s / s.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ install
+
+
+class _Empty(nn.Module):
+    """Stands where a gate projection was: the MoE output bypasses it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], 0)
+
+
+class _Front(nn.Module):
+    """Stands where the up projection was: computes the MoE output and hands it to `_Back`."""
+
+    def __init__(self, moe: MoEFFN):
+        super().__init__()
+        self.moe = moe
+        self._pending: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._pending.append(self.moe(x))
+        return x.new_empty(*x.shape[:-1], 0)
+
+
+class _Back(nn.Module):
+    """Stands where the down projection was: returns the output `_Front` computed for the same call."""
+
+    def __init__(self, front: _Front):
+        super().__init__()
+        self.__dict__["front"] = front  # not a submodule: the parameters live once, at the front
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[-1] != 0 or not self.front._pending:
+            raise RuntimeError("MoE pass-through called out of order (the FFN code does more than up→act→down)")
+        return self.front._pending.pop()
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def install_moe(model: nn.Module, ffn: FFN, moe: MoEFFN) -> dict[str, nn.Module]:
+    """Replace one FFN's projections by `moe` (see the module docstring); returns the originals."""
+    originals = {ffn.up: get_module(model, ffn.up), ffn.down: get_module(model, ffn.down)}
+    if ffn.gate:
+        originals[ffn.gate] = get_module(model, ffn.gate)
+        _set_module(model, ffn.gate, _Empty())
+    front = _Front(moe)
+    _set_module(model, ffn.up, front)
+    _set_module(model, ffn.down, _Back(front))
+    return originals
+
+
+def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for path, module in originals.items():
+        _set_module(model, path, module)
+
+
+def moe_layers(model: nn.Module) -> list[MoEFFN]:
+    """Every installed MoE layer, in model order."""
+    return [m.moe for m in model.modules() if isinstance(m, _Front)]
+
+
+def set_routing(model: nn.Module, **kwargs: Any) -> None:
+    """Change top_k / routing / threshold of every MoE layer (e.g. to sweep the fraction of experts)."""
+    for layer in moe_layers(model):
+        layer.set_routing(**kwargs)

@@ -1,0 +1,141 @@
+"""`posthoc split moe` as one library call: fit, evaluate on held-out text, report, write OUT_DIR.
+
+    from posthoc.analyse.moe_run import moefy
+    result = moefy("path/to/model", "out/moe", "bbc:train", eval_data="bbc:test", experts=16, top_k=4)
+    result.summary       # dense and MoE quality at the fitted top_k, router recall, timings
+
+`demo_moe(work_dir)` is the short step the README demo runs on all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posthoc.analyse.calibration import CalibrationData, load_calibration
+from posthoc.analyse.moe import MoEfier
+from posthoc.analyse.moe_eval import Scorer, active_fraction, ks_for, moe_installed, sweep, time_ffn
+from posthoc.checkpoint import check_output_location, open_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MoEResult:
+    out_dir: Path
+    moe: MoEfier
+    rows: list[dict[str, Any]]  # quality sweep rows (router, k, fraction, scores, label)
+    dense: dict[str, float]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def moefy(
+    model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    calib: Any,
+    *,
+    eval_data: Any = None,
+    eval_texts: int = 200,
+    eval_tokens: int = 8_192,
+    compare: bool = False,
+    report: bool = True,
+    speed: bool = True,
+    force: bool = False,
+    text_column: str | None = None,
+    **params: Any,
+) -> MoEResult:
+    """MoE-fy `model` (a checkpoint spec) with calibration data `calib` and write OUT_DIR.
+
+    eval_data: held-out text for the quality figures (default: 10 % of the calibration texts, held out
+    before fitting); eval_texts / eval_tokens bound its size (encoders / decoders). compare: also fit the
+    other partitions (random, kmeans, coactivation) for the report's comparison (three fits). report:
+    quality sweeps at 10 … 100 % of experts for the oracle, centroid and MLP routers, before and after
+    healing, and the FFN speed at the fitted top_k. Everything else goes to `MoEfier(**params)`.
+    """
+    from posthoc.analyse.evaluate import load_model
+    from posthoc.finetune import torch_threads
+
+    started = time.perf_counter()
+    moe = MoEfier(**params)
+    with open_checkpoint(model) as ckpt:  # refuse a bad output location before minutes of work
+        inputs = [ckpt.directory] + ([Path(ckpt.source)] if Path(str(ckpt.source)).exists() else [])
+    check_output_location(Path(out_dir), inputs, force)
+    data = calib if isinstance(calib, CalibrationData) else load_calibration(calib, text_column=text_column)
+    if eval_data is None:
+        data, held_out = data.split(0.1, seed=moe.seed)
+    else:
+        held_out = eval_data if isinstance(eval_data, CalibrationData) else load_calibration(eval_data, text_column=text_column)
+    held_out = held_out.select(range(min(eval_texts, len(held_out))), held_out.name)
+    net, tokenizer, directory = load_model(model)
+    moe.fit(net, data, tokenizer=tokenizer)
+    moe.source_ = directory
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    dense: dict[str, float] = {}
+    pages = None
+    with torch_threads(moe.threads):
+        if report:
+            scorer = Scorer(net, tokenizer, held_out, probe_data=data.select(range(min(len(data), 1000))),
+                            max_length=moe.max_length, max_tokens=eval_tokens)
+            dense = dict(scorer.dense)
+            ks = ks_for(moe.experts)
+            routers = ["oracle", "centroid"] + (["mlp"] if moe.router == "mlp" else [])
+            healed = moe.heal_log_ is not None
+            rows += sweep(moe, net, scorer, routers=routers, ks=ks, healed=False, label=moe.partition)
+            if healed:
+                rows += sweep(moe, net, scorer, routers=[moe.router], ks=ks, healed=True, label=f"{moe.partition}+healed")
+            with moe_installed(moe, net) as layers:  # the fitted configuration, as posthoc.load gives it
+                fitted = {"label": "fitted", "router": moe.router, "k": moe.top_k, "fraction": moe.top_k / moe.experts,
+                          "neurons": active_fraction(layers), **scorer.score()}
+            rows.append(fitted)
+            summary["fitted"] = fitted
+            if compare:
+                for other in ("random", "kmeans", "coactivation"):
+                    if other == moe.partition:
+                        continue
+                    alt = MoEfier(**{**moe.get_params(), "partition": other, "heal_steps": 0})
+                    alt.fit(net, data, tokenizer=tokenizer)
+                    rows += sweep(alt, net, scorer, routers=routers, ks=ks, healed=False, label=other)
+        speeds = measure_speed(moe, net) if speed else []
+        if report:
+            from posthoc.analyse.moe_report import build_report
+
+            pages = build_report(moe, rows, dense, speeds, title_model=str(model), held_out=held_out.name)
+    summary.update({"dense": dense, "speed": speeds[:1], "recall": moe.recall_, "timings": moe.timings_,
+                    "seconds": round(time.perf_counter() - started, 1)})
+    out = moe.save(out_dir, force=force, report=pages, extra={"evaluation": {"held_out": held_out.name, "dense": dense,
+                                                                               "rows": rows, "speed": speeds}})
+    return MoEResult(out, moe, rows, dense, summary)
+
+
+def measure_speed(moe: MoEfier, net: torch.nn.Module, tokens: int = 2048) -> list[dict[str, Any]]:
+    """FFN block time of the first FFN, dense vs MoE at the fitted routing (router included), on
+    `tokens` of its sampled calibration inputs (repeated when the sample is smaller)."""
+    from posthoc.analyse.ffn import ffn_weights
+
+    if moe.router == "oracle":
+        return []  # the oracle computes every neuron: nothing to gain
+    x = moe.speed_inputs_
+    x = x.repeat(-(-tokens // len(x)), 1)[:tokens]
+    dense = ffn_weights(net, moe.ffns_[0])
+    with moe_installed(moe, net) as layers:
+        timing = time_ffn(layers[0], dense, x)
+        return [{"layer": 0, "tokens": tokens, "top_k": layers[0].top_k, "experts": layers[0].experts, **timing}]
+
+
+def demo_moe(work_dir: str | os.PathLike[str], *, force: bool = True, progress: bool = False) -> dict[str, Any]:
+    """The README demo's MoE-fication step: all-MiniLM-L6-v2, 16 experts, top-4 (25 %), k-means partition,
+    MLP router, calibrated on BBC train (20 k tokens), scored on 100 BBC test articles: embedding cosine
+    to dense and the accuracy a probe trained on dense embeddings keeps. Returns the summary."""
+    from posthoc.assets import minilm_dir
+
+    result = moefy(minilm_dir(), Path(work_dir) / "minilm-moe", "bbc:train", eval_data="bbc:test", eval_texts=100,
+                   experts=16, top_k=4, partition="kmeans", router="mlp", max_tokens=20_000, router_tokens=10_000,
+                   progress=progress, force=force, compare=False)
+    return {"out_dir": str(result.out_dir), **result.summary}

@@ -1,0 +1,424 @@
+"""Merging modules into a module: exact LoRA sums, and every registry method on the changes they make.
+
+`posthoc merge` sends a config here when every input is a module (a configured base checkpoint may be
+listed too: it is the zero change). The output is a module of the inputs' kind — lora when all are LoRA,
+sparse when all are sparse, delta otherwise — written one tensor at a time. Per tensor:
+
+- Methods linear in the changes (linear, task_arithmetic, passthrough) give Σ cᵢφᵢ. The coefficients are
+  read off the registry's own function (evaluated on unit inputs), so they mean exactly what the method
+  means for checkpoints; a method that is not equivariant under a shift of every input and the base
+  (linear without normalize and Σw ≠ 1, passthrough with scale ≠ 1) is evaluated on θ₀ + φᵢ instead.
+  For LoRA inputs the sum is exact: the factors are concatenated ([c₁B₁ … cₙBₙ], [A₁; …; Aₙ]), with
+  any ranks and signs; with a target rank they are re-factored by QR + an SVD of the small core, with
+  the error known exactly (`lowrank.refactor`), and the (m, n) change is never formed.
+- The task-arithmetic family (TIES, DARE, breadcrumbs, DELLA …) works element-wise: each input's change
+  is formed for this tensor, the registry's pure function merges them over a zero base (θ₀ + f(φ) − θ₀
+  is f(φ) for these methods, and the seeds per tensor are the engine's, so DARE draws the same masks),
+  and a LoRA output is re-factored by truncated SVD, its measured error reported.
+- Other methods (slerp, multislerp, model_stock) are evaluated on θ₀ + φᵢ and the base subtracted; they
+  need the base checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posthoc.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, open_checkpoint
+from posthoc.compat import CompatReport
+from posthoc.errors import ConfigError
+from posthoc.merge.config import MergeConfig, layer_position, num_layers
+from posthoc.merge.engine import MergeResult, _tensor_seed
+from posthoc.merge.methods import TASK_ARITHMETIC_FAMILY
+from posthoc.merge.registry import MergeMethod
+from posthoc.modules import lowrank
+from posthoc.modules.build import ModuleBuilder
+from posthoc.modules.format import BaseRef, ModuleError, fingerprint, is_module
+from posthoc.modules.module import Module, open_module
+from posthoc.modules.peft_format import BaseLayout
+from posthoc.progress import progress_bar
+
+FAMILY = {row[0] for row in TASK_ARITHMETIC_FAMILY}  # defined on task vectors: f(θ₀ + φ; θ₀) = θ₀ + f(φ; 0)
+LINEAR_CANDIDATES = ("linear", "task_arithmetic", "passthrough")
+
+
+@dataclass
+class ModuleMergeResult(MergeResult):
+    """A merge whose output is a module (see MergeResult for the shared fields)."""
+
+    kind: str = "delta"
+    refactor_error: float | None = None  # largest relative error of a LoRA re-factoring, None when exact
+
+    @property
+    def summary(self) -> str:
+        error = "exact" if not self.refactor_error else f"largest re-factoring error {self.refactor_error:.2e}"
+        return f"module of kind {self.kind} ({error}); fidelity.json has the per-tensor figures"
+
+
+@dataclass
+class _Plan:
+    """How one output tensor is computed: Σ cᵢφᵢ (`coefficients`), or `compute(name, changes)` element-wise."""
+
+    coefficients: list[float] | None = None
+    compute: Callable[[str, list[torch.Tensor]], torch.Tensor] | None = None
+
+
+def wants_module_output(config: MergeConfig) -> bool:
+    """Every merged input (other than the base itself) is a module or PEFT adapter directory."""
+    _, entries = config.inputs()
+    refs = [e.model for e in entries if e.model != config.base_model]
+    return bool(refs) and all(Path(r).is_dir() and is_module(r) for r in refs)
+
+
+def linear_coefficients(method: MergeMethod, params: dict[str, Any], count: int) -> list[float] | None:
+    """cᵢ such that the method's output minus the base is Σ cᵢφᵢ, read off the method on unit inputs; None when
+    the method is not linear and shift-equivariant with these parameters."""
+    if method.name not in LINEAR_CANDIDATES:
+        return None
+
+    def run(values: list[float], base: float) -> float:
+        tensors = [torch.tensor([v], dtype=torch.float64) for v in values]
+        base_t = None if method.base == "ignored" else torch.tensor([base], dtype=torch.float64)
+        kwargs = dict(params)
+        if method.takes_out_dtype:
+            kwargs["out_dtype"] = torch.float64
+        return float(method.fn(tensors, base_t, **kwargs)[0])
+
+    if abs(run([1.0] * count, 1.0) - 1.0) > 1e-9:
+        return None
+    return [run([1.0 if j == i else 0.0 for j in range(count)], 0.0) for i in range(count)]
+
+
+def _method_plan(
+    config: MergeConfig, method: MergeMethod, count: int, base: Checkpoint | None, seed: int | None, layers: int | None
+) -> Callable[[str], _Plan]:
+    def plan(name: str) -> _Plan:
+        params = config.resolve(name, layer_position(name, layers))
+        coefficients = linear_coefficients(method, params, count)
+        if coefficients is not None:
+            return _Plan(coefficients=coefficients)
+        kwargs = dict(params)
+        if method.takes_out_dtype:
+            kwargs["out_dtype"] = torch.float32
+        if method.name in FAMILY:
+            def compute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
+                if method.randomized:
+                    kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
+                return method.fn(changes, torch.zeros_like(changes[0]), **kwargs).to(torch.float32)
+            return _Plan(compute=compute)
+        if base is None:
+            raise ModuleError(f"merging modules with {method.name} needs the base checkpoint (base_model / --base)")
+
+        def absolute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
+            theta0 = base.read(name).to(torch.float32)
+            if method.randomized:
+                kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
+            merged = method.fn([theta0 + c for c in changes], None if method.base == "ignored" else theta0, **kwargs)
+            return merged.to(torch.float32) - theta0
+        return _Plan(compute=absolute)
+
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _output_kind(modules: Sequence[Module | None]) -> str:
+    kinds = {m.kind for m in modules if m is not None}
+    return kinds.pop() if len(kinds) == 1 and kinds <= {"lora", "sparse", "delta"} else "delta"
+
+
+def _check_rank(rank: int | None, modules: Sequence[Module | None]) -> None:
+    if rank is None:
+        return
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"The 'rank' parameter of merge must be an int >= 1. Got {rank!r} instead.")
+    limits = [min(m.shape(n)) for m in modules if m is not None for n in m.names if m.storage(n) == "lora"]
+    if limits and rank > max(limits):
+        raise ConfigError(
+            f"The 'rank' parameter of merge must be at most {max(limits)} (the largest rank a LoRA matrix of these "
+            f"modules allows). Got {rank} instead."
+        )
+
+
+def _resolve_base(explicit: str | Checkpoint | None, modules: Sequence[Module | None]) -> Checkpoint | None:
+    if isinstance(explicit, Checkpoint):
+        return explicit
+    if explicit is not None:
+        if is_module(explicit) and Path(explicit).is_dir():
+            raise ModuleError(f"{explicit}: is a module, not a model; the base must be a checkpoint")
+        return open_checkpoint(explicit)
+    for module in modules:
+        source = module.manifest.base.source if module is not None else ""
+        if module is not None and module.manifest.base.fingerprint and source and Path(source).is_dir():
+            return open_checkpoint(source)
+    return None
+
+
+def _check_same_base(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], BaseRef | None]:
+    """Every module against the base (or, without a base, against each other): refused naming both fingerprints."""
+    warnings: list[str] = []
+    present = [m for m in modules if m is not None]
+    if base is not None:
+        actual = fingerprint(base)
+        for module in present:
+            warnings += module.check_base(base, fingerprint=actual)
+        return warnings, BaseRef(base.architecture, actual, base.source, base.config.get("model_type"))
+    known = [m for m in present if m.manifest.base.fingerprint]
+    for module in known[1:]:
+        if module.manifest.base.fingerprint != known[0].manifest.base.fingerprint:
+            raise ModuleError(
+                f"{module.path}: made for base {module.manifest.base.fingerprint} but {known[0].path} for "
+                f"{known[0].manifest.base.fingerprint}; modules of different bases cannot be merged"
+            )
+    if len(known) < len(present):
+        warnings.append("a PEFT adapter made elsewhere has no base fingerprint; give --base to check it")
+    ref = known[0].manifest.base if known else BaseRef(None, "", "", None)
+    return warnings, ref
+
+
+def _merge_tensors(
+    builder: ModuleBuilder,
+    modules: Sequence[Module | None],
+    names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    plan: Callable[[str], _Plan],
+    base: Checkpoint | None,
+    rank: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Write Σ or f of the inputs' changes tensor by tensor; returns the per-tensor fidelity records."""
+    kind = builder.kind
+    records: list[dict[str, Any]] = []
+    with progress_bar(len(names), f"merge modules ({kind})", "tensor", enabled=progress) as bar:
+        for name in names:
+            bar.update(1)
+            shape = shapes[name]
+            touching = [(i, m) for i, m in enumerate(modules) if m is not None and name in m.manifest.tensors]
+            all_lora = bool(touching) and all(m.storage(name) == "lora" for _, m in touching)
+            ranks = [m.rank(name) for _, m in touching] if all_lora else []
+            layouts = {m.entry(name).get("layout", "linear") for _, m in touching} if all_lora else set()
+            if len(layouts) > 1:
+                raise ModuleError(f"tensor {name}: the inputs factor it in different layouts ({', '.join(sorted(layouts))})")
+            layout = layouts.pop() if layouts else "linear"
+            step = plan(name)
+            if step.coefficients is not None:
+                terms = [(step.coefficients[i], m) for i, m in touching if step.coefficients[i] != 0]
+                if not terms:
+                    continue
+                if kind == "lora" and all_lora:
+                    Bs, As = [], []
+                    for c, m in terms:
+                        B, A = m.lora_factors(name)
+                        Bs.append(B * c)
+                        As.append(A)
+                    total = sum(b.shape[1] for b in Bs)
+                    if rank is not None and total > rank:
+                        B, A, error = lowrank.refactor(Bs, As, rank)
+                    else:
+                        B, A, error = torch.cat(Bs, dim=1), torch.cat(As, dim=0), 0.0
+                    builder.lora(name, B, A, layout)
+                    records.append({"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
+                                    "how": "concatenated factors" + (", QR + core SVD" if error or total > B.shape[1] else "")})
+                    continue
+                phi = torch.zeros(shape, dtype=torch.float32)
+                for c, m in terms:
+                    phi.add_(m.delta(name, base), alpha=c)
+            else:
+                changes = [
+                    m.delta(name, base) if m is not None and name in m.manifest.tensors else torch.zeros(shape)
+                    for m in modules
+                ]
+                phi = step.compute(name, changes)
+                del changes
+            if not bool(phi.any()):
+                continue
+            if not bool(torch.isfinite(phi).all()):
+                raise ModuleError(f"tensor {name}: the merged change is not finite (NaN/Inf); nothing was written")
+            target = rank if rank is not None else min(sum(ranks), *shape) if ranks else None
+            if kind == "lora" and all_lora and target is not None and lowrank.lora_is_smaller(shape, target):
+                B, A, error = lowrank.factor(phi, target)
+                builder.lora(name, B, A, layout)
+                records.append({"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
+                                "how": "formed per tensor, merged, truncated SVD"})
+            elif kind == "sparse":
+                flat = phi.reshape(-1)
+                indices = torch.nonzero(flat).squeeze(1)
+                builder.sparse(name, shape, indices, flat[indices])
+                records.append({"name": name, "storage": "sparse", "nnz": int(indices.numel()), "relative_error": 0.0,
+                                "how": "merged, nonzero entries kept"})
+            else:
+                builder.dense(name, phi)
+                records.append({"name": name, "storage": "dense", "relative_error": 0.0, "how": "merged, kept whole"})
+    return records
+
+
+def _finish(
+    builder: ModuleBuilder, base: Checkpoint | None, records: list[dict[str, Any]], provenance: dict[str, Any],
+    tags: dict[str, str] | None,
+) -> float | None:
+    errors = [r["relative_error"] for r in records if r.get("relative_error")]
+    worst = max(errors) if errors else None
+    layout = BaseLayout.of(base) if base is not None and builder.kind == "lora" else None
+    builder.finish(
+        base=base, layout=layout, tags=tags, provenance=provenance,
+        extra_json={"fidelity.json": {"max_refactor_error": worst, "tensors": records}},
+    )
+    return worst
+
+
+def _open_all(refs: Sequence[str | None]) -> list[Module | None]:
+    opened: list[Module | None] = []
+    try:
+        for ref in refs:
+            opened.append(open_module(ref) if ref is not None else None)
+    except BaseException:
+        for m in opened:
+            if m is not None:
+                m.close()
+        raise
+    return opened
+
+
+def _names(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module in modules:
+        if module is not None:
+            for name in module.names:
+                shapes.setdefault(name, module.shape(name))
+    order = [n for n in base.tensors if n in shapes] if base is not None else []
+    order += [n for n in shapes if n not in set(order)]
+    return order, shapes
+
+
+def merge_modules(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    seed: int | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> ModuleMergeResult:
+    """Merge the modules a config names into one module (see the module docstring)."""
+    started = time.perf_counter()
+    method = config.method
+    _, entries = config.inputs()
+    refs = [None if e.model == config.base_model else e.model for e in entries]
+    modules = _open_all(refs)
+    base = None
+    try:
+        _check_rank(rank, modules)
+        base = _resolve_base(config.base_model, modules)
+        warnings, base_ref = _check_same_base(modules, base)
+        ignored = [k for k in ("dtype", "out_dtype", "tokenizer_source") if getattr(config, k) is not None]
+        if ignored:
+            warnings.append(f"{', '.join(ignored)} do(es) not apply to a module output (changes are stored in float32)")
+        names, shapes = _names(modules, base)
+        layers = num_layers(base.config if base is not None else {}, list(base.tensors) if base is not None else names)
+        for name in names:  # every parameter of every tensor is resolved and checked before any math
+            config.resolve(name, layer_position(name, layers))
+        if method.randomized and seed is None:
+            seed = secrets.randbits(31)
+        plan = _method_plan(config, method, len(modules), base, seed, layers)
+        absolute = method.name not in FAMILY and any(
+            linear_coefficients(method, config.resolve(n, layer_position(n, layers)), len(modules)) is None for n in names
+        )
+        if absolute:  # evaluated on θ₀ + φᵢ: a tensor no module touches may change too (e.g. Σw ≠ 1)
+            if base is None:
+                raise ModuleError(f"merging modules with {method.name} (as configured) needs the base checkpoint (base_model / --base)")
+            names = _float_names(base)
+            shapes = {n: tuple(base.tensors[n].shape) for n in names}
+        protect = [Path(m.path) for m in modules if m is not None] + ([base.directory] if base is not None else [])
+        builder = ModuleBuilder(out_dir, _output_kind(modules), base_ref, force=force, protect=protect, shard_size=shard_size)
+        with builder.writer:
+            records = _merge_tensors(builder, modules, names, shapes, plan, base, rank, progress)
+            provenance = {
+                "made_by": "posthoc merge", "method": method.name, "paper": method.paper, "config": config.to_dict(),
+                "seed": seed, "rank": rank,
+            }
+            worst = _finish(builder, base, records, provenance, None)
+            out = builder.commit()
+        return ModuleMergeResult(
+            out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
+            total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=seed,
+            report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+        )
+    finally:
+        for m in modules:
+            if m is not None:
+                m.close()
+        if base is not None:
+            base.close()
+
+
+def _float_names(base: Checkpoint) -> list[str]:
+    return [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
+
+
+def combine(
+    base: str | Checkpoint | None,
+    modules: Sequence[str | Path],
+    scales: Sequence[float],
+    out_dir: str | Path,
+    *,
+    rank: int | None = None,
+    allow_base_mismatch: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    tags: dict[str, str] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ModuleMergeResult:
+    """Σ sᵢφᵢ as one module (`posthoc stack --as-module`): exact for LoRA inputs unless a `rank` is asked."""
+    started = time.perf_counter()
+    opened = _open_all([str(m) for m in modules])
+    resolved = None
+    try:
+        _check_rank(rank, opened)
+        resolved = _resolve_base(base, opened)
+        warnings: list[str] = []
+        if resolved is not None:
+            actual = fingerprint(resolved)
+            for module in opened:
+                warnings += module.check_base(resolved, fingerprint=actual, allow_mismatch=allow_base_mismatch)
+            base_ref = BaseRef(resolved.architecture, actual, resolved.source, resolved.config.get("model_type"))
+        else:
+            more, base_ref = _check_same_base(opened, None)
+            warnings += more
+        names, shapes = _names(opened, resolved)
+        coefficients = [float(s) for s in scales]
+        protect = [Path(m.path) for m in opened if m is not None] + ([resolved.directory] if resolved is not None else [])
+        builder = ModuleBuilder(out_dir, _output_kind(opened), base_ref, force=force, protect=protect, shard_size=shard_size)
+        with builder.writer:
+            records = _merge_tensors(
+                builder, opened, names, shapes, lambda name: _Plan(coefficients=coefficients), resolved, rank, progress
+            )
+            info = {**(provenance or {}), "modules": [str(m) for m in modules], "scales": coefficients, "rank": rank}
+            worst = _finish(builder, resolved, records, info, tags)
+            out = builder.commit()
+        return ModuleMergeResult(
+            out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
+            total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=None,
+            report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+        )
+    finally:
+        for m in opened:
+            if m is not None:
+                m.close()
+        if resolved is not None and not isinstance(base, Checkpoint):
+            resolved.close()
+
+
+def relative_frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (benchmarks and tests)."""
+    norm = float(torch.linalg.vector_norm(b))
+    return float(torch.linalg.vector_norm(a - b)) / norm if norm else math.inf
