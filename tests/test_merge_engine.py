@@ -4,6 +4,7 @@ formulas applied to the inputs read with the safetensors library, and loaded wit
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -155,6 +156,22 @@ def test_inputs_read_lazily_by_rows_give_the_same_result(llama_family, tmp_path,
     assert all(torch.equal(whole[k], lazy[k]) for k in whole)
 
 
+def test_slerp_read_lazily_by_rows_matches_whole(llama_family, tmp_path, monkeypatch):
+    from posthoc.merge import sparsify
+
+    base, tuned = llama_family
+    config = MergeConfig.from_dict(
+        {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(tuned[0])}], "parameters": {"t": 0.3}}
+    )
+    merge_checkpoints(config, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(sparsify, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(sparsify, "WHOLE_ELEMENTS", 0)
+    merge_checkpoints(config, tmp_path / "lazy", progress=False, lazy_bytes=0)
+    whole, lazy = read_all(tmp_path / "whole"), read_all(tmp_path / "lazy")
+    for name in whole:  # the dot product is summed in another order: equal up to one rounding of the output
+        torch.testing.assert_close(lazy[name].float(), whole[name].float(), atol=1e-6, rtol=1e-2)
+
+
 @pytest.mark.parametrize("method,extra", [("slerp", {"t": 0.4}), ("model_stock", {}), ("multislerp", None), ("della", None)])
 def test_bert_merges_load_with_automodel(bert_family, tmp_path, method, extra):
     from transformers import AutoModel
@@ -259,3 +276,16 @@ def test_vocabulary_alignment_by_token(tmp_path):
     torch.testing.assert_close(out[name], b[name] + 0.5 * (o[name] - b[name]))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]["w4"] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_sees_every_nan_and_inf_and_no_false_alarm(dtype):
+    from posthoc.merge.engine import _all_finite
+
+    big = torch.full((3_000_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # its sum overflows: all finite still
+    assert _all_finite(big) and _all_finite(torch.zeros(0, dtype=dtype)) and _all_finite(torch.arange(5))
+    for bad in (math.nan, math.inf, -math.inf):
+        for position in (0, 1_500_000, 2_999_999):
+            x = big.clone()
+            x[position] = bad
+            assert not _all_finite(x), (bad, position)

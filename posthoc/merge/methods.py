@@ -11,6 +11,8 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import torch
@@ -50,7 +52,7 @@ def linear(
     for s in sparsify.row_chunks(shape):
         total = torch.zeros(s.stop - s.start, dtype=compute)
         for flat, w in zip(flats, weight):
-            total.add_(flat[s], alpha=w)
+            total.add_(flat[s].to(compute), alpha=w)  # cast first: mixed-dtype add_ is slower
         if normalize:
             total /= sum(weight)
         out[s] = total
@@ -100,7 +102,9 @@ def task_arithmetic_family(
     def delta(i: int, s: slice) -> torch.Tensor:
         if i in cache:
             return cache[i]
-        d = torch.sub(flats[i][s], base_of(s))  # promotes to the compute dtype on the fly
+        x = flats[i][s]
+        # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
+        d = torch.sub(x, base_of(s)) if x.dtype == compute else x.to(compute).sub_(base_of(s))
         if single:
             cache[i] = d
         return d
@@ -123,7 +127,7 @@ def task_arithmetic_family(
             return sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generators[i])
         return sparsify.KEEP_ALL
 
-    selections = [select(i) for i in range(len(tensors))]
+    selections = _map_inputs(select, len(tensors), n)
 
     total_weight = sum(weight)
     out = torch.empty(n if not single else 0, dtype=out_dtype or compute)
@@ -163,6 +167,22 @@ def task_arithmetic_family(
             return mixed.add_(base_of(s)).reshape(shape).to(out_dtype or compute)
         out[s] = mixed.add_(base_of(s))
     return out.reshape(shape)
+
+
+_FIT_POOL: ThreadPoolExecutor | None = None
+PARALLEL_FIT_ELEMENTS = 1 << 20
+
+
+def _map_inputs(fit: Callable[[int], sparsify.Selection], count: int, n: int) -> list[sparsify.Selection]:
+    """fit(i) for every input, on two threads for large tensors: the top-k histogram (`bincount`) and
+    `nonzero` run on one core in torch, so fitting two inputs at once is what uses the second core.
+    Each input has its own generator and selection, so the result does not depend on the scheduling."""
+    global _FIT_POOL
+    if count < 2 or n < PARALLEL_FIT_ELEMENTS or torch.get_num_threads() < 2:
+        return [fit(i) for i in range(count)]
+    if _FIT_POOL is None:
+        _FIT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="posthoc-fit")
+    return list(_FIT_POOL.map(fit, range(count)))
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -248,31 +268,52 @@ for _row in TASK_ARITHMETIC_FAMILY:
     register(_family_member(*_row))
 
 
-def _flat_norm(x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x.reshape(-1)))
-
-
-@merge_method("slerp", base="required", min_models=1, max_models=1, paper="https://en.wikipedia.org/wiki/Slerp")
+@merge_method(
+    "slerp", base="required", min_models=1, max_models=1, reads_row_chunks=True, paper="https://en.wikipedia.org/wiki/Slerp"
+)
 def slerp(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
     *,
     t: Fraction = Required,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Spherical interpolation between the base (t = 0) and the other model (t = 1)."""
-    a, b = _upcast(base, tensors[0])
-    if a.numel() == 0:
-        return (1 - t) * a + t * b
-    na, nb = _flat_norm(a), _flat_norm(b)
+    """Spherical interpolation between the base (t = 0) and the other model (t = 1).
+
+    Two passes over row chunks: the norms and the dot product (accumulated in float64), then the output,
+    so a large tensor is never held whole in float32.
+    """
+    compute = _compute_dtype(base, tensors[0])
+    shape = base.shape
+    flat_a, flat_b = base.reshape(-1), tensors[0].reshape(-1)
+    chunks = sparsify.row_chunks(shape)
+    if not chunks:
+        return torch.empty(shape, dtype=out_dtype or compute)
+    cached = (flat_a[chunks[0]].to(compute), flat_b[chunks[0]].to(compute)) if len(chunks) == 1 else None
+
+    def pair(s: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return cached if cached is not None else (flat_a[s].to(compute), flat_b[s].to(compute))
+
+    aa = bb = ab = 0.0
+    for s in chunks:
+        a, b = pair(s)
+        aa += float(torch.dot(a, a))
+        bb += float(torch.dot(b, b))
+        ab += float(torch.dot(a, b))
+    na, nb = math.sqrt(aa), math.sqrt(bb)
     na = na if na > 1e-8 else 1.0
     nb = nb if nb > 1e-8 else 1.0
-    dot = float(torch.dot((a / na).reshape(-1), (b / nb).reshape(-1)))
-    dot = min(1.0, max(-1.0, dot))
-    if abs(dot) > 0.9995:  # nearly colinear: the spherical formula is ill-conditioned
-        return (1 - t) * a + t * b
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
+    dot = min(1.0, max(-1.0, ab / (na * nb)))
+    if abs(dot) > 0.9995:  # nearly colinear: the spherical formula is ill-conditioned; interpolate linearly
+        ca, cb = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    out = torch.empty(base.numel(), dtype=out_dtype or compute)
+    for s in chunks:
+        a, b = pair(s)
+        out[s] = torch.mul(a, ca).add_(b, alpha=cb)
+    return out.reshape(shape)
 
 
 @merge_method("multislerp", base="optional", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
