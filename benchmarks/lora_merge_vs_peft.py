@@ -10,11 +10,12 @@ What it does
 2. For every PEFT ``combination_type`` in ``linear``, ``cat``, ``svd``, ``ties_svd`` it times
    ``add_weighted_adapter`` and reads the merged adapter's ΔW of every layer back from PEFT
    (``get_delta_weight``).
-3. It runs the same merges with posthoc, from the adapter directories on disk to a LoRA module on disk
-   (``posthoc.merge.merge_checkpoints``, what ``posthoc merge`` runs): ``task_arithmetic`` (exact,
-   concatenated factors), the same re-factored to the target rank (QR + core SVD), and ``ties``
+3. It runs the same merge with posthoc next to each (``PAIRS``), from the adapter directories on disk to a
+   LoRA module on disk (``posthoc.merge.merge_checkpoints``, what ``posthoc merge`` runs): for ``linear``
+   and ``cat``, ``task_arithmetic`` (exact, concatenated factors; run once, shown on both rows); for
+   ``svd``, the same re-factored to the target rank (QR + core SVD); for ``ties_svd``, ``ties``
    re-factored to the target rank. The time includes reading and writing the files; the core math
-   (``lowrank.refactor`` on factors in memory) is timed separately.
+   (``lowrank.refactor`` on factors in memory) is timed separately on the ``svd`` row.
 4. The error of each result is ‖ΔW − ΔW_exact‖ / ‖ΔW_exact‖ over all layers, where ΔW_exact is
    Σ wᵢ (αᵢ/rᵢ) BᵢAᵢ in float64 (for TIES: TIES of the exact per-adapter ΔWᵢ, weights 1, which PEFT's and
    mergekit's TIES both compute the same way).
@@ -201,6 +202,15 @@ def core_refactor(adapters: list[Path], weights: list[float], rank: int, repeat:
     return best
 
 
+# PEFT combination type -> what posthoc runs for the same merge (method, target rank or None = exact, note).
+PAIRS = {
+    "linear": ("task_arithmetic", None, "exact: concatenated factors"),
+    "cat": ("task_arithmetic", None, "exact: concatenated factors"),
+    "svd": ("task_arithmetic", "target", "QR + core SVD"),
+    "ties_svd": ("ties", "target", "TIES per tensor + truncated SVD"),
+}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -211,50 +221,63 @@ def run(args: argparse.Namespace) -> dict:
         base_dir, adapters = build(work, args, ranks, label.replace(" ", "-"))
         exact = exact_changes(adapters, args.weights)
         ties_exact = ties_reference(adapters, args.density)
-        for combination in ("linear", "cat", "svd", "ties_svd"):
-            got = peft_merge(base_dir, adapters, args.weights if combination != "ties_svd" else [1.0] * 3,
-                             combination, args.target_rank, args.density, args.repeat)
-            reference = ties_exact if combination == "ties_svd" else exact
+        done: dict[tuple[str, int | None], tuple[float, float, float | None]] = {}
+        for combination, (method, target, how) in PAIRS.items():
+            ties = combination == "ties_svd"
+            weights = [1.0] * 3 if ties else args.weights
+            reference = ties_exact if ties else exact
+            row = {"scenario": label, "merge": combination, "weights": weights}
+            got = peft_merge(base_dir, adapters, weights, combination, args.target_rank, args.density, args.repeat)
             if isinstance(got, str):
-                rows.append({"scenario": label, "tool": "PEFT", "merge": combination, "rank": "-", "error": got, "seconds": None})
-                continue
-            seconds, merged = got
-            rank = next(iter(merged.values())).shape  # noqa: F841 (shape only)
-            rows.append({"scenario": label, "tool": "PEFT", "merge": combination,
-                         "rank": {"linear": ranks[0], "cat": sum(ranks)}.get(combination, args.target_rank),
-                         "error": error(merged, reference), "seconds": seconds})
-        for method, rank, weights, reference in (
-            ("task_arithmetic", None, args.weights, exact),
-            ("task_arithmetic", args.target_rank, args.weights, exact),
-            ("ties", args.target_rank, [1.0] * 3, ties_exact),
-        ):
-            seconds, merged, reported = ours(base_dir, adapters, weights, method, rank, args.density, work, args.repeat)
-            rows.append({"scenario": label, "tool": "posthoc", "merge": method if rank is None else f"{method} → rank {rank}",
-                         "rank": rank or sum(ranks), "error": error(merged, reference), "seconds": seconds,
-                         "reported_error": reported})
-        core = core_refactor(adapters, args.weights, args.target_rank, args.repeat)
-        rows.append({"scenario": label, "tool": "posthoc (math only)", "merge": f"QR + core SVD → rank {args.target_rank}",
-                     "rank": args.target_rank, "error": None, "seconds": core})
+                row.update(peft_error=got, peft_seconds=None, peft_rank="-")
+            else:
+                seconds, merged = got
+                row.update(peft_error=error(merged, reference), peft_seconds=seconds,
+                           peft_rank={"linear": ranks[0], "cat": sum(ranks)}.get(combination, args.target_rank))
+            rank = args.target_rank if target == "target" else None
+            if (method, rank) not in done:  # linear and cat are the same merge for posthoc: run it once
+                seconds, merged, reported = ours(base_dir, adapters, weights, method, rank, args.density, work, args.repeat)
+                done[method, rank] = (error(merged, reference), seconds, reported)
+            ours_error, ours_seconds, reported = done[method, rank]
+            row.update(ours=f"{method}{f' --rank {rank}' if rank else ''} ({how})", ours_rank=rank or sum(ranks),
+                       ours_error=ours_error, ours_seconds=ours_seconds, ours_reported_error=reported)
+            if combination == "svd":
+                row["ours_math_seconds"] = core_refactor(adapters, weights, args.target_rank, args.repeat)
+            rows.append(row)
     return {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "append_results"},
-            "load_average": os.getloadavg()[0], "torch": torch.__version__}
+            "load_average": os.getloadavg()[0], "torch": torch.__version__, "peft": _peft_version()}
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
 
 
 def table(results: dict) -> str:
     s = results["settings"]
     lines = [
-        f"Random Llama, hidden {s['hidden']}, FFN {s['intermediate']}, {s['layers']} layers: 3 LoRAs on all 7 projections "
-        f"({7 * s['layers']} matrices), weights {s['weights']}; equal ranks {s['rank']}, different ranks {s['ranks']}; "
-        f"target rank {s['target_rank']}; TIES density {s['density']} (weights 1). Error = ‖ΔW − ΔW_exact‖/‖ΔW_exact‖ "
-        f"over all layers (float64 reference). {s['threads']} threads, best of {s['repeat']}, load average "
-        f"{results['load_average']:.1f}, torch {results['torch']}.",
+        f"Random Llama, hidden {s['hidden']}, FFN {s['intermediate']}, {s['layers']} layers: 3 LoRAs (α = 2r) on all 7 "
+        f"projections ({7 * s['layers']} matrices); weights {s['weights']} (ties_svd: 1, 1, 1, density {s['density']}); "
+        f"equal ranks {s['rank']}, different ranks {s['ranks']}; target rank {s['target_rank']}. Error = "
+        f"‖ΔW − ΔW_exact‖/‖ΔW_exact‖ over all layers, ΔW_exact = Σ wᵢ(α/rᵢ)BᵢAᵢ in float64 (ties_svd: TIES of the "
+        f"exact ΔWᵢ), so a rank-{s['target_rank']} result cannot reach 0. PEFT {results['peft']}: "
+        "`add_weighted_adapter` in memory; posthoc: `posthoc merge` from the adapter files to a LoRA module on disk "
+        f"(reading and writing included; 'math' = the QR + core SVD alone). {s['threads']} threads, best of "
+        f"{s['repeat']}, 1-min load average {results['load_average']:.2f}, torch {results['torch']}.",
         "",
-        "| scenario | tool | merge | rank | rel. error vs exact | seconds |",
-        "|---|---|---|---|---|---|",
+        "| scenario | PEFT combination | PEFT rank | PEFT rel. error | PEFT s | posthoc | posthoc rank | posthoc rel. error "
+        "| posthoc s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        err = r["error"] if isinstance(r["error"], str) else "—" if r["error"] is None else f"{r['error']:.2e}"
-        sec = "—" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        lines.append(f"| {r['scenario']} | {r['tool']} | {r['merge']} | {r['rank']} | {err} | {sec} |")
+        peft_err = r["peft_error"] if isinstance(r["peft_error"], str) else f"{r['peft_error']:.2e}"
+        peft_s = "—" if r["peft_seconds"] is None else f"{r['peft_seconds']:.2f}"
+        ours_s = f"{r['ours_seconds']:.2f}"
+        if "ours_math_seconds" in r:
+            ours_s += f" (math {r['ours_math_seconds']:.2f})"
+        lines.append(f"| {r['scenario']} | {r['merge']} | {r['peft_rank']} | {peft_err} | {peft_s} | {r['ours']} | "
+                     f"{r['ours_rank']} | {r['ours_error']:.2e} | {ours_s} |")
     return "\n".join(lines)
 
 

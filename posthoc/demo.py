@@ -72,7 +72,9 @@ DemoStep = Callable[[DemoContext], str]
 
 def extra_steps() -> list[tuple[str, DemoStep]]:
     """The demo's steps after merging, in order: (name, step). Imported here so the demo's first part stays light."""
-    return []
+    from posthoc.modules.demo_step import demo_step as modules_step
+
+    return [("modules", modules_step)]
 
 
 @dataclass(frozen=True)

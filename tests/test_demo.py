@@ -59,14 +59,16 @@ def test_demo_rows_table_and_results_file(first_run):
     assert result.cached == dict.fromkeys(("fine-tune A", "fine-tune B", "linear probes", "merges"), False)
     # Each fine-tune learns its own task (chance: 1/3 and 1/2).
     assert result.row("fine-tune A").accuracy["A"] > 0.7 and result.row("fine-tune B").accuracy["B"] > 0.8
-    (table,) = printed
-    assert table == result.table()
+    table, *later = printed
+    assert table.split("time:")[0] == result.table().split("time:")[0]  # timings grow with the later steps
+    assert later == ["\n" + block for block in result.extra.values()] and list(result.extra) == ["modules"]
     flat = " ".join(table.split())
     assert "has no head of its own" in flat and "linear probe" in flat and "picked on validation" in flat
     assert read_record(work / "finetune-A")["name"] == "A"
     saved = json.loads((work / "results.json").read_text())
     assert saved["rows"][2]["accuracy"] == result.row("fine-tune A").accuracy
     assert set(saved["validation"]["task_arithmetic"]) == {"0.5", "1.0"}
+    assert saved["extra"] == result.extra
 
 
 def test_demo_accuracy_matches_evaluate_with_the_task_head(first_run, tiny_base):

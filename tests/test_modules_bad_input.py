@@ -34,7 +34,7 @@ def test_module_for_another_base_is_refused_naming_both_fingerprints(bert_copy, 
     from conftest import tiny_bert_config
     from transformers import BertModel
 
-    base, _ = bert_copy
+    base, tuned = bert_copy
     other, _ = make_pair(tmp_path / "other", BertModel, tiny_bert_config(vocab_size=100), n_tuned=0, seed=7)
     manifest = json.loads((lora / "module.json").read_text())
     message = fails_cleanly(tmp_path, ["stack", other, tmp_path / "out", "--module", lora], [other, lora, base],
@@ -45,6 +45,11 @@ def test_module_for_another_base_is_refused_naming_both_fingerprints(bert_copy, 
 
     with open_checkpoint(other) as ckpt:
         assert fingerprint(ckpt) in message
+    # merges refuse it too (all modules, or a module next to a checkpoint), saying what to do instead
+    for models in ([lora, lora], [lora, tuned[0]]):
+        message = fails_cleanly(tmp_path, ["merge", "--method", "task_arithmetic", "--base", other, *models, "-o", tmp_path / "out"],
+                                [other, lora, tuned[0]], match="module was made for base")
+        assert manifest["base"]["fingerprint"] in message and "with the base it was made for" in message
     # overriding it applies the module, with the same line as a warning
     result = CliRunner().invoke(main, ["stack", str(other), str(tmp_path / "out"), "--module", str(lora),
                                        "--allow-base-mismatch", "--quiet"], catch_exceptions=False)

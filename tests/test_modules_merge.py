@@ -108,17 +108,18 @@ def test_ties_on_modules_matches_ties_on_their_checkpoints(bert_pair, loras, tmp
         torch.testing.assert_close(value, reference[name], atol=1e-6, rtol=0)
 
 
-def test_dare_on_loras_forms_the_change_and_reports_the_refactoring(bert_pair, loras, tmp_path):
+@pytest.mark.parametrize("method", ["dare_linear", "ties"])
+def test_ties_and_dare_on_loras_form_the_change_and_report_the_refactoring(bert_pair, loras, tmp_path, method):
     base, _ = bert_pair
     params = {"weight": 1.0, "density": 0.5}
-    result = merge_checkpoints(config(base, [(loras / "lora0", params), (loras / "lora1", params)], "dare_linear"),
+    result = merge_checkpoints(config(base, [(loras / "lora0", params), (loras / "lora1", params)], method),
                                tmp_path / "out", seed=3, progress=False)
     assert result.kind == "lora" and 0 < result.refactor_error < 1
     records = json.loads((tmp_path / "out" / "fidelity.json").read_text())["tensors"]
     assert any(r["how"].startswith("formed per tensor") for r in records)
     # the same seed draws the same masks as the engine does on the applied checkpoints
     reference = merge_checkpoints(config(base, [(f"{base}+{loras / 'lora0'}", params), (f"{base}+{loras / 'lora1'}", params)],
-                                         "dare_linear"), tmp_path / "ref", seed=3, progress=False)
+                                         method), tmp_path / "ref", seed=3, progress=False)
     name = "encoder.layer.1.attention.self.value.weight"
     record = next(r for r in records if r["name"] == name)
     exact = read_all(reference.out_dir)[name].double() - read_all(base)[name].double()

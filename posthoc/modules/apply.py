@@ -35,9 +35,11 @@ from posthoc.checkpoint import (
     open_checkpoint,
 )
 from posthoc.errors import ConfigError, OutputError
-from posthoc.modules.format import ModuleError, fingerprint, is_module
+from posthoc.modules.format import MISMATCH_REMEDY, ModuleError, fingerprint, is_module
 from posthoc.modules.module import Module, open_module
 from posthoc.progress import progress_bar
+
+MERGE_REMEDY = "merge it with the base it was made for (base_model / --base, or BASE+MODULE)"
 
 
 class AppliedCheckpoint(Checkpoint):
@@ -88,6 +90,7 @@ def open_applied(
     *,
     allow_base_mismatch: bool = False,
     source: str | None = None,
+    remedy: str = MISMATCH_REMEDY,
 ) -> AppliedCheckpoint:
     """Open a base with modules applied; every module is checked against the base first (fingerprint,
     tensor names, shapes). A fingerprint mismatch is refused naming both, unless `allow_base_mismatch`."""
@@ -100,7 +103,8 @@ def open_applied(
         for spec, scale in zip(modules, scales):
             module = spec if isinstance(spec, Module) else open_module(spec)
             opened.append((module, float(scale)))
-            warnings += module.check_base(opened_base, fingerprint=actual, allow_mismatch=allow_base_mismatch)
+            warnings += module.check_base(opened_base, fingerprint=actual, allow_mismatch=allow_base_mismatch,
+                                          remedy=remedy)
     except BaseException:
         for module, _ in opened:
             module.close()
@@ -145,11 +149,11 @@ def open_model_ref(ref: str, base_model: str | None = None) -> Checkpoint:
     if path.is_dir() and is_module(path):
         if base_model is not None and ref == base_model:
             raise ModuleError(f"{ref}: is a module, not a model; base_model must be a checkpoint")
-        return open_applied(module_base(ref, base_model), [ref], source=ref)
+        return open_applied(module_base(ref, base_model), [ref], source=ref, remedy=MERGE_REMEDY)
     if not path.exists():
         parts = split_ref(ref)
         if parts is not None:
-            return open_applied(parts[0], [parts[1]], source=ref)
+            return open_applied(parts[0], [parts[1]], source=ref, remedy=MERGE_REMEDY)
     return open_checkpoint(ref)
 
 

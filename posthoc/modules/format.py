@@ -211,12 +211,22 @@ def open_module_tensors(path: str | os.PathLike[str]) -> Checkpoint:
     return open_checkpoint(path)
 
 
+MISMATCH_REMEDY = "pass --allow-base-mismatch to apply it anyway"
+
+
 def check_base(
-    manifest: Manifest, base: Checkpoint, where: str, *, allow_mismatch: bool = False, actual: str | None = None
+    manifest: Manifest,
+    base: Checkpoint,
+    where: str,
+    *,
+    allow_mismatch: bool = False,
+    actual: str | None = None,
+    remedy: str = MISMATCH_REMEDY,
 ) -> list[str]:
     """Refuse a module made for another base (both fingerprints named); with `allow_mismatch`, warn instead.
 
-    `actual` is the base's fingerprint when the caller has it already (it costs one small read per tensor)."""
+    `actual` is the base's fingerprint when the caller has it already (it costs one small read per tensor);
+    `remedy` ends the refusal (a command without --allow-base-mismatch says what to do instead)."""
     if not manifest.base.fingerprint:  # a PEFT adapter made elsewhere: names and shapes are checked instead
         return [f"{where}: no base fingerprint (a PEFT adapter made elsewhere); checked tensor names and shapes only"]
     actual = actual or fingerprint(base)
@@ -227,7 +237,7 @@ def check_base(
         f"but {base.source} is {actual}"
     )
     if not allow_mismatch:
-        raise ModuleError(message + "; pass --allow-base-mismatch to apply it anyway")
+        raise ModuleError(f"{message}; {remedy}")
     return [message]
 
 

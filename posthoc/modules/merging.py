@@ -39,6 +39,7 @@ from posthoc.merge.engine import MergeResult, _tensor_seed
 from posthoc.merge.methods import TASK_ARITHMETIC_FAMILY
 from posthoc.merge.registry import MergeMethod
 from posthoc.modules import lowrank
+from posthoc.modules.apply import MERGE_REMEDY
 from posthoc.modules.build import ModuleBuilder
 from posthoc.modules.format import BaseRef, ModuleError, fingerprint, is_module
 from posthoc.modules.module import Module, open_module
@@ -169,7 +170,7 @@ def _check_same_base(modules: Sequence[Module | None], base: Checkpoint | None) 
     if base is not None:
         actual = fingerprint(base)
         for module in present:
-            warnings += module.check_base(base, fingerprint=actual)
+            warnings += module.check_base(base, fingerprint=actual, remedy=MERGE_REMEDY)
         return warnings, BaseRef(base.architecture, actual, base.source, base.config.get("model_type"))
     known = [m for m in present if m.manifest.base.fingerprint]
     for module in known[1:]:

@@ -22,7 +22,15 @@ import torch
 
 from posthoc.checkpoint import Checkpoint
 from posthoc.errors import CheckpointError
-from posthoc.modules.format import CHANGE_KINDS, MODULE_FILE, Manifest, ModuleError, check_base, read_manifest
+from posthoc.modules.format import (
+    CHANGE_KINDS,
+    MISMATCH_REMEDY,
+    MODULE_FILE,
+    Manifest,
+    ModuleError,
+    check_base,
+    read_manifest,
+)
 from posthoc.modules.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_STEM,
@@ -140,11 +148,14 @@ class Module:
                     f"{list(shape)} (expected A {list(expected[0])}, B {list(expected[1])})"
                 )
 
-    def check_base(self, base: Checkpoint, *, fingerprint: str | None = None, allow_mismatch: bool = False) -> list[str]:
+    def check_base(
+        self, base: Checkpoint, *, fingerprint: str | None = None, allow_mismatch: bool = False, remedy: str = MISMATCH_REMEDY
+    ) -> list[str]:
         """The module belongs to `base` (fingerprint, then every tensor it changes exists with its shape).
 
         A missing tensor or a shape mismatch is refused even with `allow_mismatch`: it cannot be applied."""
-        warnings = check_base(self.manifest, base, str(self.path), allow_mismatch=allow_mismatch, actual=fingerprint)
+        warnings = check_base(self.manifest, base, str(self.path), allow_mismatch=allow_mismatch, actual=fingerprint,
+                              remedy=remedy)
         for name, entry in self.manifest.tensors.items():
             info = base.tensors.get(name)
             if info is None:
