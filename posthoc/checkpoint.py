@@ -447,6 +447,18 @@ def check_output_location(out_dir: Path, inputs: Iterable[Path], force: bool) ->
     return out_dir
 
 
+def replace_directory(staging: Path, out_dir: Path) -> None:
+    """Rename a finished staging directory to `out_dir`; an existing `out_dir` (the caller checked `force`) is
+    moved aside first and removed after, so at every moment one complete version is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.posthoc-old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _remove_abandoned_staging(out_dir: Path) -> None:
     """Delete temporary directories of earlier writes to `out_dir` whose process is gone (killed runs)."""
     for stale in out_dir.parent.glob(f".{out_dir.name}.posthoc-tmp-*"):
@@ -584,13 +596,7 @@ class CheckpointWriter:
                 f"{self.weights_name}.safetensors.index.json",
                 {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map},
             )
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.posthoc-old-{uuid.uuid4().hex[:8]}"
-            self.out_dir.rename(old)
-        self.staging.rename(self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(self.staging, self.out_dir)
         self._committed = True
         return self.out_dir
 

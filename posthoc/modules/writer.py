@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from posthoc.checkpoint import DEFAULT_SHARD_SIZE, DTYPE_NAMES, check_output_location
+from posthoc.checkpoint import DEFAULT_SHARD_SIZE, DTYPE_NAMES, check_output_location, replace_directory
 from posthoc.errors import OutputError
 
 
@@ -180,13 +180,7 @@ class ModuleWriter:
 
     def commit(self) -> Path:
         self.finalize()
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.posthoc-old-{uuid.uuid4().hex[:8]}"
-            self.out_dir.rename(old)
-        self.staging.rename(self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(self.staging, self.out_dir)
         self._committed = True
         return self.out_dir
 
