@@ -20,6 +20,8 @@ def load(
     router: str | None = None,
     dtype: Any = None,
     return_tokenizer: bool = False,
+    mode: str = "keep",
+    base: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The model in `path` with MoE layers (a torch module in eval mode; with its tokenizer if asked).
 
@@ -27,6 +29,9 @@ def load(
     routing included); router: "mlp", "centroid" (whichever were trained) or "oracle" (every neuron is
     computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
     the model computes the dense function (to float round-off).
+
+    A mask module (`posthoc split cluster` / `split mask`) loads its base with the mask applied: mode "keep"
+    (only what it marks) or "remove" (the model without it); base: the model it masks (default: its manifest's).
     """
     import torch
 
@@ -36,6 +41,10 @@ def load(
     from posthoc.modules.format import fingerprint
 
     path = Path(path)
+    from posthoc.analyse.maskmodule import is_mask_module, load_masked
+
+    if is_mask_module(path):
+        return load_masked(path, mode=mode, base=base, dtype=dtype, return_tokenizer=return_tokenizer)
     moe = MoEfier.load(path)  # checks kind, format and version before the weights are touched
     with open_checkpoint(path) as ckpt:
         actual = fingerprint(ckpt)

@@ -172,6 +172,12 @@ def test_weight_clusters_partition_the_neurons_and_scores_are_recomputable(fitte
     assert fitted.function_.shape == (len(fitted.clusters_), len(CLASSES))
     assert np.all((fitted.function_ >= 0) & (fitted.function_ <= 1))
     assert len(fitted.ablation_) == len(fitted.clusters_) and all(len(r["random_drops"]) == 2 for r in fitted.ablation_)
+    for r in fitted.ablation_:  # costs are against the full model; z against the random sets of the same size
+        assert r["loss_increase"] == pytest.approx(r["loss"] - fitted.full_loss_)
+        increases = r["random_loss_increases"]
+        assert r["random_loss_mean"] == pytest.approx(np.mean(increases))
+        if np.std(increases) > 0:
+            assert r["z_loss"] == pytest.approx((r["loss_increase"] - np.mean(increases)) / np.std(increases, ddof=1))
 
 
 def test_cluster_activation_is_the_mean_abs_activation_of_its_neurons(fitted, corpus):
@@ -285,13 +291,13 @@ def test_cli_cluster_end_to_end_and_bad_input(tiny, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"
     result = runner.invoke(main, ["split", "cluster", str(tiny), str(out), "--calib", f"folders:{data}", "--labels",
-                                  f"folders:{data}", "-k", "3", "--shuffles", "2", "--baselines", "1", "--quiet"])
+                                  f"folders:{data}", "--n-clusters", "3", "--shuffles", "2", "--ablation-baselines", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "0 of 2 units are more modular" in result.output and (out / "report.html").is_file()
     assert len(list((out / "modules").iterdir())) == len(json.loads((out / "clusters.json").read_text())["clusters"])
     # K larger than the neurons: one line, exit 2, nothing written
     bad = tmp_path / "bad"
-    result = runner.invoke(main, ["split", "cluster", str(tiny), str(bad), "-k", "500", "--quiet"])
+    result = runner.invoke(main, ["split", "cluster", str(tiny), str(bad), "--n-clusters", "500", "--quiet"])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "n_clusters" in result.output
     assert not bad.exists()
     one = _folders(tmp_path / "one", classes=("alpha",))

@@ -4,6 +4,7 @@ applied and loaded by transformers, a language-model task, the CLI, and every ba
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from posthoc.cli import main
 from tiny_text import CLASSES, VOCAB, make_tiny_bert, synthetic_corpus
 
 from posthoc.analyse.mask_report import MaskTask, parse_task, split_mask
-from posthoc.analyse.maskmodule import apply_mask, apply_to_tensor, read_mask_module
+from posthoc.analyse.maskmodule import apply_mask, apply_to_tensor, load_masked, read_mask_module
 from posthoc.analyse.masks import SubnetworkMasker, TokenizedTexts, mask_iou, pooled_states, sample_hard_mask
 from posthoc.checkpoint import open_checkpoint, save_state_dict
 from posthoc.data import stratified_split
@@ -106,9 +107,23 @@ def test_weight_mask_module_applied_is_loaded_by_transformers(weight_mask, tiny,
                 assert torch.equal(pruned.read(name), expected), name
         from transformers import AutoModel
 
-        assert AutoModel.from_pretrained(out) is not None
+        pruned_model = AutoModel.from_pretrained(out)
+        loaded = load_masked(module, mode=mode)  # in memory, on the base its manifest names (posthoc.load)
+        for name, value in pruned_model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], value), name
     with pytest.raises(Exception, match="mask mode 'drop' is unknown"):
         apply_mask(tiny, module, tmp_path / "x", mode="drop")
+    with pytest.raises(Exception, match="mask mode 'drop' is unknown"):
+        load_masked(module, mode="drop")
+    moved = tmp_path / "moved"  # a module whose base is not where its manifest says
+    shutil.copytree(module, moved)
+    manifest = json.loads((moved / "module.json").read_text())
+    manifest["base"]["source"] = str(tmp_path / "gone")
+    (moved / "module.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="give base= .the model it masks."):
+        load_masked(moved)
+    assert load_masked(moved, base=tiny) is not None
+    assert not (tmp_path / "x").exists()
 
 
 def test_neuron_mask_equals_zeroed_columns_and_its_pruned_checkpoint(tiny, split, tmp_path):
@@ -260,6 +275,18 @@ def test_cli_mask_and_bad_input(tiny, tmp_path):
     empty.write_text("\n\n")
     result = runner.invoke(main, [*args[:3], str(bad), *args[4:], "--task", str(empty)])
     assert result.exit_code == 2 and "holds no text" in result.output and not bad.exists()
+    # a given head (e.g. the one fine-tuned with the task) keeps its function; its classes must be the task's
+    from posthoc.finetune import ClassificationHead
+
+    head = tmp_path / "head"
+    head.mkdir()
+    ClassificationHead(32, ("alpha", "beta")).save(head)
+    result = runner.invoke(main, [*args[:3], str(tmp_path / "with-head"), *args[4:], "--task",
+                                  f"folders:{data}:alpha,beta", "--head", str(head)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, [*args[:3], str(bad), *args[4:], "--task", f"folders:{data}:alpha,gamma",
+                                  "--head", str(head)])
+    assert result.exit_code == 2 and "the head predicts ['alpha', 'beta']" in result.output and not bad.exists()
 
 
 def test_mask_task_dataclass_is_plain():

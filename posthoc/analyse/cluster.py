@@ -63,7 +63,7 @@ from posthoc.analyse.graphs import (
     weight_graph,
 )
 from posthoc.analyse.masks import TokenizedTexts, pooled_states
-from posthoc.analyse.params import Param, ParamTable, is_int, is_number, one_of
+from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
 from posthoc.errors import ConfigError, DataError
 from posthoc.finetune import linear_probe, torch_threads
 from posthoc.progress import progress_bar
@@ -78,10 +78,10 @@ def _fraction_or_auto(v: Any, p: dict[str, Any]) -> bool:
 
 
 PARAMS = ParamTable("NeuronClusterer", [
-    Param("graph", "weights", f"one of {', '.join(GRAPHS)}", one_of(*GRAPHS),
-          "weights: |W| between inputs, neurons and outputs; correlation / coactivation: from activations."),
-    Param("method", "spectral", f"one of {', '.join(METHODS)}", one_of(*METHODS),
-          "spectral: K communities from scipy's eigensolver; louvain: networkx, K found by the method."),
+    choice("graph", "weights", GRAPHS,
+           "weights: |W| between inputs, neurons and outputs; correlation / coactivation: from activations."),
+    choice("method", "spectral", METHODS,
+           "spectral: K communities from the normalised graph's eigenvectors; louvain: networkx, K found by the method."),
     Param("n_clusters", 8, "an int >= 2 (and at most the neurons of an FFN)", lambda v, p: is_int(v) and v >= 2,
           "K for spectral clustering."),
     Param("resolution", 1.0, "a number > 0", lambda v, p: is_number(v) and v > 0, "Louvain resolution."),
@@ -228,6 +228,14 @@ def as_labelled(labels: Any, data: CalibrationData | None, cap: int, seed: int) 
     return LabelledTexts(tuple(texts[i] for i in keep), values[keep], tuple(names), source)
 
 
+def _against(value: float, baselines: list[float]) -> tuple[float, float, float]:
+    """(mean, std, z) of a cluster's ablation cost against random sets of the same size (nan when undefined)."""
+    mean = float(np.mean(baselines)) if baselines else float("nan")
+    std = float(np.std(baselines, ddof=1)) if len(baselines) > 1 else float("nan")
+    z = (value - mean) / std if np.isfinite(std) and std > 0 else float("nan")
+    return mean, std, z
+
+
 # --------------------------------------------------------------------------------------- estimator
 
 
@@ -238,7 +246,8 @@ class NeuronClusterer:
     communities, Q and n-cut tests, verdict), clusters_ (list[Cluster], neuron communities of >= 1
     neuron), modular_ ({unit name: bool | None}), tokens_ (calibration tokens, 0 for weight graphs),
     label_names_, function_ ((clusters, labels) average precision), prevalence_ (labels,), ablation_
-    (list of dicts: cluster, size, accuracy and loss with the cluster ablated, random-set drops, z),
+    (list of dicts: cluster, size, accuracy and loss with the cluster ablated, the same for random sets of its
+    size, z of the accuracy drop and of the loss increase),
     full_accuracy_, full_loss_, timings_, source_.
     """
 
@@ -359,8 +368,10 @@ class NeuronClusterer:
         n = samples[0].shape[0]
         return {key: value / n for key, value in coactivation(markers).items()}  # rates: comparable across n
 
-    def _graph(self, model: nn.Module, acts: Any, ffns: list[FFN], generator: torch.Generator | None) -> NeuronGraph:
-        """The unit's graph; with a generator, a shuffled copy (weights within matrices / tokens per neuron)."""
+    def _graph(self, model: nn.Module, acts: Any, ffns: list[FFN], generator: torch.Generator | None,
+               cache: dict[int, torch.Tensor] | None = None) -> NeuronGraph:
+        """The unit's graph; with a generator, a shuffled copy (weights within matrices / tokens per neuron).
+        `cache` keeps each FFN's sampled activations between the shuffles of a unit."""
         name = "FFN " + "+".join(str(f.index) for f in ffns)
         if self.graph == "weights":
             parts = []
@@ -380,7 +391,11 @@ class NeuronClusterer:
                     block = acts.result(ffns[0].index, "coactivation")["counts"] / max(acts.tokens, 1)
                 blocks = {(0, 0): block}
             else:  # the aligned token sample (same tokens in every FFN), permuted for shuffles
-                samples = [self._sample_h(model, acts, f) for f in ffns]
+                cache = {} if cache is None else cache
+                for f in ffns:
+                    if f.index not in cache:
+                        cache[f.index] = self._sample_h(model, acts, f)
+                samples = [cache[f.index] for f in ffns]
                 if generator is not None:
                     samples = [permute_tokens(s, generator) for s in samples]
                 blocks = self._blocks(model, samples, ffns)
@@ -400,14 +415,15 @@ class NeuronClusterer:
         with progress_bar(len(groups) * (1 + self.shuffles), "cluster + shuffles", "graph",
                           enabled=self.progress) as bar:
             for u, ffns in enumerate(groups):
-                graph = self._graph(model, acts, ffns, None)
+                cache: dict[int, torch.Tensor] = {}  # sampled activations, computed once per unit
+                graph = self._graph(model, acts, ffns, None, cache)
                 labels, q, ncut = self._partition_scores(graph, self.seed)
                 bar.update(1)
                 q_test = ShuffleTest("Q", q, [], higher_is_better=True)
                 ncut_test = ShuffleTest("n-cut", ncut, [], higher_is_better=False)
                 for s in range(self.shuffles):
                     generator = torch.Generator().manual_seed(self.seed * 1_000_003 + u * 1009 + s + 1)
-                    shuffled = self._graph(model, acts, ffns, generator)
+                    shuffled = self._graph(model, acts, ffns, generator, cache)
                     _, q_s, ncut_s = self._partition_scores(shuffled, self.seed + s + 1)
                     q_test.shuffled.append(q_s)
                     ncut_test.shuffled.append(ncut_s)
@@ -519,19 +535,22 @@ class NeuronClusterer:
             for cluster in self.clusters_:
                 accuracy, loss = score(keep_all_but(cluster.neurons))
                 bar.update(1)
-                random_drops = []
+                random_drops, random_losses = [], []
                 for _ in range(self.ablation_baselines):
                     sample = {layer: rng.choice(d_ff[layer], size=len(idx), replace=False)
                               for layer, idx in cluster.neurons.items()}
-                    random_drops.append(self.full_accuracy_ - score(keep_all_but(sample))[0])
+                    random_accuracy, random_loss = score(keep_all_but(sample))
+                    random_drops.append(self.full_accuracy_ - random_accuracy)
+                    random_losses.append(random_loss - self.full_loss_)
                     bar.update(1)
-                drop = self.full_accuracy_ - accuracy
-                mean = float(np.mean(random_drops)) if random_drops else float("nan")
-                std = float(np.std(random_drops, ddof=1)) if len(random_drops) > 1 else float("nan")
-                z = (drop - mean) / std if std and np.isfinite(std) and std > 0 else float("nan")
+                drop, increase = self.full_accuracy_ - accuracy, loss - self.full_loss_
+                mean, std, z = _against(drop, random_drops)
+                loss_mean, loss_std, loss_z = _against(increase, random_losses)
                 results.append({"cluster": cluster.id, "size": cluster.size, "accuracy": accuracy, "loss": loss,
-                                "drop": drop, "loss_increase": loss - self.full_loss_,
-                                "random_drops": random_drops, "random_mean": mean, "random_std": std, "z": z})
+                                "drop": drop, "loss_increase": increase,
+                                "random_drops": random_drops, "random_mean": mean, "random_std": std, "z": z,
+                                "random_loss_increases": random_losses, "random_loss_mean": loss_mean,
+                                "random_loss_std": loss_std, "z_loss": loss_z})
         self.ablation_ = results
         self.probe_texts_, self.eval_texts_ = len(probe_rows), len(eval_rows)
 

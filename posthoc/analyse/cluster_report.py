@@ -5,7 +5,8 @@
     OUT_DIR/clusters.json          everything measured (NeuronClusterer.summary())
     OUT_DIR/graphs/FFN_<l>.graphml the neuron graph with each node's cluster (strongest edges), for Gephi
     OUT_DIR/modules/<id>/          one `mask` module per cluster (1 = member neuron): apply it with
-                                   posthoc.analyse.maskmodule.apply_mask(model, module, out, mode="keep"|"remove")
+                                   `posthoc stack MODEL OUT --module DIR --mask-mode keep|remove`,
+                                   posthoc.load(DIR, mode=...) or maskmodule.apply_mask(model, DIR, out, mode=...)
 
 Written into a temporary directory next to OUT_DIR and renamed at the end.
 """
@@ -39,6 +40,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _pct(fraction: float) -> str:
+    return "–" if not math.isfinite(fraction) else f"{100 * fraction:.0f} %"
+
+
 def verdict(c: NeuronClusterer) -> str:
     """One sentence: how many units beat their shuffles."""
     tested = [u for u in c.units_ if u.modular is not None]
@@ -63,15 +68,15 @@ def cluster_report(c: NeuronClusterer) -> Report:
     report.paragraph(
         f"Each graph is compared with {c.shuffles} shuffled copies ({shuffle_kind}), clustered the same way. "
         "Q (modularity): higher is more modular; n-cut (normalised cut): lower is more modular. z = (real − mean of "
-        "shuffles) / their std; 'beats' = fraction of shuffles the real graph is more modular than."
+        "shuffles) / their std; percentile = % of shuffles the real graph is more modular than."
     )
     rows = []
     for u in c.units_:
         rows.append([u.name, u.graph.size, len(np.unique(u.labels)), u.q.real, f"{_fmt(u.q.mean)} ± {_fmt(u.q.std, 2)}",
-                     _fmt(u.q.z, 3), _fmt(u.q.beats, 3), u.ncut.real, f"{_fmt(u.ncut.mean)} ± {_fmt(u.ncut.std, 2)}",
-                     _fmt(u.ncut.z, 3), _fmt(u.ncut.beats, 3), {True: "yes", False: "no", None: "–"}[u.modular]])
-    report.table(["unit", "nodes", "communities", "Q", "Q shuffled", "z(Q)", "beats", "n-cut", "n-cut shuffled",
-                  "z(n-cut)", "beats", "modular"], rows, floatfmt=".4f",
+                     _fmt(u.q.z, 3), _pct(u.q.beats), u.ncut.real, f"{_fmt(u.ncut.mean)} ± {_fmt(u.ncut.std, 2)}",
+                     _fmt(u.ncut.z, 3), _pct(u.ncut.beats), {True: "yes", False: "no", None: "–"}[u.modular]])
+    report.table(["unit", "nodes", "communities", "Q", "Q shuffled", "z(Q)", "percentile", "n-cut", "n-cut shuffled",
+                  "z(n-cut)", "percentile", "modular"], rows, floatfmt=".4f",
                  caption=f"Tokens: {c.tokens_ or 'none (weights only)'}.")
     if c.shuffles > 1:
         fig, axes = report.figure_axes(width=9, height=3.4, ncols=2)
@@ -120,11 +125,13 @@ def cluster_report(c: NeuronClusterer) -> Report:
             f"A linear probe trained on the full model's embeddings of {c.probe_texts_} labelled texts is read on "
             f"{c.eval_texts_} others with the cluster's neurons zeroed, and with {c.ablation_baselines} random sets of "
             f"the same size in the same FFNs. Full-model accuracy {c.full_accuracy_:.4f}, loss {c.full_loss_:.4f}."))
-        ranked = sorted(c.ablation_, key=lambda r: -r["drop"])
-        report.table(["cluster", "size", "accuracy", "drop", "random drop", "z", "loss increase"],
+        ranked = sorted(c.ablation_, key=lambda r: (-r["drop"], -r["loss_increase"]))
+        report.table(["cluster", "size", "accuracy", "drop", "random drop", "z", "loss increase", "random increase",
+                      "z (loss)"],
                      [[r["cluster"], r["size"], r["accuracy"], r["drop"],
                        f"{_fmt(r['random_mean'], 3)} ± {_fmt(r['random_std'], 2)}", _fmt(r["z"], 3),
-                       r["loss_increase"]] for r in ranked[:20]],
+                       r["loss_increase"], f"{_fmt(r['random_loss_mean'], 3)} ± {_fmt(r['random_loss_std'], 2)}",
+                       _fmt(r["z_loss"], 3)] for r in ranked[:20]],
                      caption=f"The {min(20, len(ranked))} most costly clusters, of {len(ranked)}.")
         fig, ax = report.figure_axes(width=8, height=3.4)
         x = np.arange(len(c.ablation_))

@@ -18,6 +18,12 @@ the layers it touches), in mode "remove" every entry that is 1 (the inverted sub
 the cluster ablated). Zeroing a neuron's W_up row and bias (and W_gate row) and its W_down column removes
 it exactly: act(0) = 0 for GELU and for SiLU·up. The output is a plain checkpoint with the base's tensor
 names, shapes and dtypes, so transformers loads it as it loads the base.
+
+Three ways to apply one, all through `MaskedCheckpoint` (a lazy view: masks are applied tensor by tensor):
+`apply_mask(base, module, out, mode=...)` writes the pruned checkpoint; `load_masked(module, mode=...)`
+(what `posthoc.load(MASK_DIR, mode=...)` calls) returns the base model with the mask applied in memory;
+`posthoc stack BASE OUT --module MASK [--mask-mode remove]` applies it after any additive modules,
+θ = M ⊙ (θ₀ + Σ sᵢφᵢ) (the stack/load hooks are in posthoc/modules/apply.py and posthoc/runtime.py).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,9 +46,19 @@ from posthoc.checkpoint import (
     check_output_location,
     copy_side_files,
     open_checkpoint,
+    replace_directory,
 )
 from posthoc.errors import IncompatibleError
-from posthoc.modules.format import BaseRef, Manifest, ModuleError, check_base, read_manifest, write_module
+from posthoc.modules.format import (
+    BaseRef,
+    Manifest,
+    ModuleError,
+    check_base,
+    fingerprint,
+    is_module,
+    read_manifest,
+    write_module,
+)
 from posthoc.progress import progress_bar
 
 MODES = ("keep", "remove")
@@ -160,6 +176,88 @@ def apply_to_tensor(tensor: torch.Tensor, mask: torch.Tensor, axis: int | None, 
     return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype))
 
 
+class MaskedCheckpoint(Checkpoint):
+    """A checkpoint (or any Checkpoint view, e.g. a base with additive modules applied) read through mask
+    modules: `read(name, rows)` zeroes what each mask says goes ("keep": its 0s; "remove": its 1s).
+
+    Masks are multiplicative, so they come after any additive change: θ = M ⊙ (θ₀ + Σ sᵢφᵢ). Every module
+    is checked against the base (fingerprint, tensor names, mask shapes) when the view is made.
+    """
+
+    def __init__(self, base: Checkpoint, masks: list[tuple[Manifest, dict[str, torch.Tensor], str, str]],
+                 warnings: list[str]):
+        self.base = base
+        self.masks = masks  # (manifest, stored masks, mode, module path)
+        self.source = base.source + "".join(f"*{where}({mode})" for _, _, mode, where in masks)
+        self.directory = base.directory
+        self.config = base.config
+        self.tensors = base.tensors
+        self.warnings = warnings
+        self._files = {}
+
+    def __repr__(self) -> str:
+        return f"MaskedCheckpoint({self.source!r})"
+
+    def touched(self, name: str) -> bool:
+        return any(name in manifest.tensors for manifest, _, _, _ in self.masks) or bool(
+            getattr(self.base, "touched", lambda n: False)(name))
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        value = self.base.read(name, rows)
+        for manifest, masks, mode, _ in self.masks:
+            entry = manifest.tensors.get(name)
+            if entry is None:
+                continue
+            mask, axis = masks[entry["mask"]], entry.get("axis")
+            if rows is not None and axis in (None, 0):
+                mask = mask[rows]
+            value = apply_to_tensor(value, mask, axis, mode)
+        return value
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def is_mask_module(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a posthoc module of kind "mask" (cheap: reads module.json only)."""
+    try:
+        return is_module(path) and Path(path).is_dir() and read_manifest(path).kind == "mask"
+    except ModuleError:
+        return False
+
+
+def open_masked(
+    base: str | os.PathLike[str] | Checkpoint,
+    modules: Sequence[str | os.PathLike[str]],
+    modes: str | Sequence[str] = "keep",
+    *,
+    allow_base_mismatch: bool = False,
+) -> MaskedCheckpoint:
+    """`base` read through mask modules (one mode for all, or one per module); checked before any read.
+
+    A Checkpoint passed as `base` is closed with the view."""
+    modes = [modes] * len(modules) if isinstance(modes, str) else list(modes)
+    if len(modes) != len(modules):
+        raise ModuleError(f"give one mask mode per mask module ({len(modules)}), got {len(modes)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ModuleError(f"mask mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    opened = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    try:
+        actual = fingerprint(getattr(opened, "base", opened))  # a view's fingerprint is its base's
+        loaded, warnings = [], []
+        for module, mode in zip(modules, modes):
+            manifest, masks = read_mask_module(module)
+            warnings += check_base(manifest, opened, str(module), allow_mismatch=allow_base_mismatch, actual=actual)
+            for tensor, entry in manifest.tensors.items():
+                _check_entry(tensor, entry, masks, opened, where=str(module))
+            loaded.append((manifest, masks, mode, str(module)))
+    except BaseException:
+        opened.close()
+        raise
+    return MaskedCheckpoint(opened, loaded, warnings)
+
+
 def apply_mask(
     model: str | os.PathLike[str],
     module: str | os.PathLike[str],
@@ -173,33 +271,64 @@ def apply_mask(
     """Write `model` with a mask module applied ("keep": the masked subnetwork; "remove": its complement).
 
     Streams tensor by tensor through the checkpoint layer; config and tokenizer files are copied from the
-    model, so the output loads with transformers exactly as the base does.
+    model, so the output loads with transformers exactly as the base does. (`posthoc stack BASE OUT
+    --module MASK` does the same, after any additive modules.)
     """
     if mode not in MODES:
         raise ModuleError(f"mask mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-    manifest, masks = read_mask_module(module)
-    with open_checkpoint(model) as base:
-        check_base(manifest, base, str(module), allow_mismatch=allow_base_mismatch)
-        for tensor, entry in manifest.tensors.items():
-            _check_entry(tensor, entry, masks, base, where=str(module))
-        specs = [TensorSpec(name, info.shape, info.dtype) for name, info in base.tensors.items()]
+    with open_masked(model, [module], mode, allow_base_mismatch=allow_base_mismatch) as view:
+        specs = [TensorSpec(name, info.shape, info.dtype) for name, info in view.tensors.items()]
         with (
-            CheckpointWriter(out_dir, specs, force=force, protect=[base.directory, Path(module)]) as writer,
+            CheckpointWriter(out_dir, specs, force=force, protect=[view.directory, Path(module)]) as writer,
             progress_bar(len(specs), f"apply mask ({mode})", "tensor", enabled=progress) as bar,
         ):
             for spec in specs:
-                tensor = base.read(spec.name)
-                entry = manifest.tensors.get(spec.name)
-                if entry is not None:
-                    tensor = apply_to_tensor(tensor, masks[entry["mask"]], entry.get("axis"), mode)
-                writer.write(spec.name, tensor)
+                writer.write(spec.name, view.read(spec.name))
                 bar.update(1)
-            copy_side_files(base.directory, writer, config_from=base.directory)
+            copy_side_files(view.directory, writer, config_from=view.directory)
             writer.add_json(
                 "posthoc_mask.json",
-                {"module": str(module), "mode": mode, "base": base.source, "tags": manifest.tags},
+                {"module": str(module), "mode": mode, "base": view.base.source, "tags": view.masks[0][0].tags},
             )
             return writer.commit()
+
+
+def load_masked(
+    module: str | os.PathLike[str],
+    *,
+    mode: str = "keep",
+    base: str | os.PathLike[str] | None = None,
+    dtype: Any = None,
+    allow_base_mismatch: bool = False,
+    return_tokenizer: bool = False,
+) -> Any:
+    """The base model (transformers, eval mode) with a mask module applied in memory: `posthoc.load(MASK)`.
+
+    base: the checkpoint the mask was made for (default: the one its manifest names, when it is here)."""
+    from posthoc.analyse.evaluate import load_model
+
+    if mode not in MODES:
+        raise ModuleError(f"mask mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    manifest = read_manifest(module)
+    if manifest.kind != "mask":
+        raise ModuleError(f"{module}: a module of kind {manifest.kind!r}, not 'mask'")
+    if base is None:
+        base = manifest.base.source
+        if not base or not Path(base).exists():
+            raise ModuleError(f"{module}: give base= (the model it masks); its manifest names {base or 'none'!r}, "
+                              "which is not here")
+    with open_masked(base, [module], mode, allow_base_mismatch=allow_base_mismatch) as view:
+        model, tokenizer, _ = load_model(view.directory, dtype=dtype or torch.float32)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in manifest.tensors:
+                hits = [p for p in params if p == name or p.endswith("." + name) or name.endswith("." + p)]
+                if len(hits) != 1:
+                    raise ModuleError(f"{module}: {name!r} matches no parameter (or several) of the loaded model")
+                target = params[hits[0]]
+                target.copy_(view.read(name).to(target.dtype))
+    model.eval()
+    return (model, tokenizer) if return_tokenizer else model
 
 
 @contextmanager
@@ -216,10 +345,4 @@ def staged_output(out_dir: str | os.PathLike[str], *, protect: Iterable[Path] = 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.posthoc-old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(staging, target)

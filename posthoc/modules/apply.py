@@ -197,8 +197,12 @@ def stack(
     force: bool = False,
     progress: bool = True,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    mask_mode: str = "keep",
 ) -> StackResult:
     """θ = θ₀ + Σ sᵢ φᵢ into a checkpoint (or, with `as_module`, Σ sᵢ φᵢ into one module).
+
+    Mask modules (kind "mask": clusters, subnetworks) multiply instead of adding: they are applied after the
+    sum, θ = M ⊙ (θ₀ + Σ sᵢ φᵢ), keeping ("keep") or zeroing ("remove") what they mark; they take no scale.
 
     Everything is checked before anything is written: scales, every module against the base, the output
     location. Inputs are never modified; the output appears only when complete.
@@ -207,6 +211,16 @@ def stack(
     scales = check_scales(scales, len(modules))
     if rank is not None and not as_module:
         raise ConfigError("--rank applies to --as-module (the combined LoRA's rank)")
+    from posthoc.analyse.maskmodule import is_mask_module, open_masked
+
+    masks = [m for m in modules if not isinstance(m, Module) and is_mask_module(m)]
+    if masks and as_module:
+        raise ConfigError(f"{masks[0]}: a mask module multiplies the weights and cannot be summed into a module; "
+                          "stack it into a checkpoint (without --as-module)")
+    if any(s != 1.0 for m, s in zip(modules, scales) if m in masks):
+        raise ConfigError(f"{masks[0]}: a mask module takes no --scale (give 1, or choose --mask-mode keep|remove)")
+    scales = [s for m, s in zip(modules, scales) if m not in masks]
+    modules = [m for m in modules if m not in masks]
     if as_module:
         from posthoc.modules.merging import combine
 
@@ -217,14 +231,16 @@ def stack(
         return StackResult(result.out_dir, True, result.kind, result.num_tensors, time.perf_counter() - started,
                            result.total_bytes, result.warnings, result.refactor_error)
     with open_applied(base, modules, scales, allow_base_mismatch=allow_base_mismatch) as applied:
-        inputs = [applied.base.directory, *(m.path for m, _ in applied.modules)]
+        view = open_masked(applied, masks, mask_mode, allow_base_mismatch=allow_base_mismatch) if masks else applied
+        warnings = applied.warnings + (view.warnings if masks else [])
+        inputs = [applied.base.directory, *(m.path for m, _ in applied.modules), *(Path(m) for m in masks)]
         check_output_location(Path(out_dir), inputs, force)
         specs = [TensorSpec(name, info.shape, info.dtype) for name, info in applied.tensors.items()]
-        changed = [name for name in applied.tensors if applied.touched(name)]
+        changed = [name for name in applied.tensors if view.touched(name)]
         with CheckpointWriter(out_dir, specs, force=force, protect=inputs, shard_size=shard_size) as writer:
             with progress_bar(len(specs), "stack", "tensor", enabled=progress) as bar:
                 for spec in specs:
-                    tensor = applied.read(spec.name)
+                    tensor = view.read(spec.name)
                     if spec.name in changed and not bool(torch.isfinite(tensor).all()):
                         raise OutputError(f"tensor {spec.name}: θ₀ + Σ sᵢφᵢ is not finite (scales too large?); nothing was written")
                     writer.write(spec.name, tensor)
@@ -237,13 +253,15 @@ def stack(
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "base": applied.base.source,
                     "modules": [{"module": m.source, "kind": m.kind, "scale": s,
-                                 "tags": m.manifest.tags} for m, s in applied.modules],
-                    "warnings": applied.warnings,
+                                 "tags": m.manifest.tags} for m, s in applied.modules]
+                    + [{"module": where, "kind": "mask", "mode": mode, "tags": manifest.tags}
+                       for manifest, _, mode, where in (view.masks if masks else [])],
+                    "warnings": warnings,
                 },
             )
             out = writer.commit()
             total = writer.total_size
-        return StackResult(out, False, "checkpoint", len(changed), time.perf_counter() - started, total, applied.warnings)
+        return StackResult(out, False, "checkpoint", len(changed), time.perf_counter() - started, total, warnings)
 
 
 def read_stack_record(directory: str | os.PathLike[str]) -> dict | None:
