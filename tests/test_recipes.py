@@ -29,9 +29,11 @@ if "test_copy" not in STEP_KINDS:
         return {"chars": len(content)}
 
     @step_kind("test_fail", inputs=("source",), outputs=("out",))
-    def _fail(ctx, *, source: Path, out: Path) -> dict:
-        """Always fails with a typed error."""
+    def _fail(ctx, *, source: Path, out: Path, bug: bool = False) -> dict:
+        """Always fails: with a typed error, or (bug) with a plain Python exception."""
         CALLS.append(ctx.name)
+        if bug:
+            raise ZeroDivisionError("division by zero")
         raise DataError(f"{source.name}: cannot use this")
 
 
@@ -128,6 +130,10 @@ def test_failed_step_is_named_and_finished_steps_are_kept(tmp_path):
         run_recipe(recipe, work)
     assert (work / "a/first.txt").read_text() == "hihi"
     assert not (work / "b").exists()
+    # Any exception inside a step (a library bug too) is reported with the step named.
+    buggy = write_recipe(tmp_path, CHAIN.replace("step: test_copy\n        source: a/first.txt", "step: test_fail\n        bug: true\n        source: a/first.txt").replace('        text: "!"\n', ""), "bug.yaml")
+    with pytest.raises(RecipeError, match=r"step 'second' \(test_fail\) failed: ZeroDivisionError: division by zero"):
+        run_recipe(buggy, work)
     # Fixed, the recipe continues from the failed step.
     fixed = write_recipe(tmp_path, CHAIN)
     CALLS.clear()
@@ -204,9 +210,14 @@ def test_cli_run_list_and_errors(tmp_path):
 def test_bundled_recipes_parse_with_their_reduced_profile(tmp_path):
     names = {r.name for r in list_recipes()}
     assert {"task_soup", "cross_lingual", "cross_modal"} <= names
-    for name in sorted(names):
-        recipe = load_recipe(name, tmp_path / name, profile="reduced")
-        assert recipe.steps and all(s.kind in STEP_KINDS for s in recipe.steps)
+    import yaml
+
+    for bundled in list_recipes():
+        profiles = list(yaml.safe_load(bundled.path.read_text()).get("profiles") or {})
+        assert "reduced" in profiles, bundled.name
+        for profile in [None, *profiles]:  # the full setting and every profile parse and resolve
+            recipe = load_recipe(bundled.name, tmp_path / bundled.name, profile=profile)
+            assert recipe.steps and all(s.kind in STEP_KINDS for s in recipe.steps)
 
 
 def test_records_hold_settings_and_output_fingerprints(tmp_path):

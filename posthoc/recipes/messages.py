@@ -102,8 +102,27 @@ def _missing_error(language: str, domains: Sequence[str], locale_dir: Path) -> D
         )
     if without:
         names = ", ".join(f"{d} ({packages[d]})" for d in without)
-        parts.append(f"installed package(s) {names} carry no {language!r} translation: choose another language or catalog")
+        reinstall = " ".join(sorted({packages[d] for d in without}))
+        parts.append(
+            f"installed package(s) {names} carry no {language!r} translation there: choose another language or "
+            f"catalog, or, if dpkg was told to skip translations (a path-exclude of /usr/share/locale in "
+            f"/etc/dpkg/dpkg.cfg.d/), remove that line and `apt-get install --reinstall {reinstall}`"
+        )
     return DataError("; ".join(parts))
+
+
+def require_catalogs(languages: Sequence[str], domains: Sequence[str], locale_dir: Path = LOCALE_DIR) -> None:
+    """Raise the DataError that names the Debian packages to install when a language lacks one of `domains`.
+
+    Cheap (it only looks for the files): tests call it to skip with that message on a machine without them.
+    """
+    for language in languages:
+        if language == "en":  # English sources: a catalog of any language carries them
+            missing = [d for d in domains if not any(locale_dir.glob(f"*/LC_MESSAGES/{d}.mo"))]
+        else:
+            missing = [d for d in domains if not (locale_dir / language / "LC_MESSAGES" / f"{d}.mo").is_file()]
+        if missing:
+            raise _missing_error(language, missing, locale_dir)
 
 
 def clean(text: str) -> str:

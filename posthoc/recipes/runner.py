@@ -112,7 +112,7 @@ def run_recipe(
             summary = run_step(STEP_KINDS[step.kind], ctx, step.resolved)
         except PosthocError as error:
             raise RecipeError(_failed(step, spec, outcomes, str(error))) from error
-        except (RuntimeError, ValueError, OSError, KeyError, TypeError) as error:
+        except Exception as error:  # any failure inside a step (a library bug too) names the step
             raise RecipeError(_failed(step, spec, outcomes, f"{type(error).__name__}: {error}")) from error
         seconds = time.perf_counter() - started
         missing = [p for p in step.outputs if not p.exists()]

@@ -26,3 +26,11 @@ def run_task_soup(
         for table in result.tables():
             echo(table)
     return result
+
+
+def demo_task_soup(context: Any) -> str:
+    """The README demo's last step (a `posthoc.demo.DemoStep`): the bundled task soup, run under the demo's
+    work directory with its threads (cached there like the demo's fine-tunes), returning its test table."""
+    result = run_recipe("task_soup", context.work_dir / "task_soup", threads=context.threads,
+                        fresh=context.fresh, progress=context.progress)  # fmt: skip
+    return "\n\n".join(result.tables())

@@ -6,6 +6,7 @@ finetune          classification / masked_lm / causal_lm; full, or sparse (LT-SF
 probe             a linear head on a frozen encoder (the no-fine-tune baseline)
 merge             posthoc's merge engine; a grid of parameters searched on a validation split
 extract, stack    modules from fine-tunes, and modules applied to a base (posthoc.modules)
+split             MoE experts, neuron clusters or task masks found inside a model (posthoc.recipes.split_steps)
 evaluate          accuracy table: rows are encoders, columns are tasks (data + head [+ language])
 train_vision, assemble_vlm, train_projector, evaluate_vlm   the cross-modal recipe (posthoc.recipes.vlm)
 """
@@ -220,11 +221,13 @@ def finetune_step(
     trainable: list[str] | None = None,
     sparse_density: float | None = None,
     sparse_steps: int | None = None,
+    mlm_vocabulary: Literal["full", "corpus"] = "full",
 ) -> dict[str, Any]:
     """Fine-tune `base` on the train split of `data` (classification head, masked-LM or causal-LM loss).
 
     `trainable`: regular expressions; only parameters whose name matches one of them train (default all).
     `sparse_density`: LT-SFT — a full fine-tune picks the top-density changed entries, which alone train.
+    `mlm_vocabulary`: masked_lm scores the whole vocabulary, or only the pieces of the texts ("corpus").
     """
     from posthoc.finetune import ClassificationObjective, FinetuneSettings, finetune
     from posthoc.objectives import CausalLMObjective, MaskedLMObjective, sparse_finetune
@@ -240,7 +243,7 @@ def finetune_step(
             return ClassificationObjective(dataset.classification("train", language, per_class))
         texts = dataset.texts("train", language)[: max_texts or None]
         if objective == "masked_lm":
-            return MaskedLMObjective(texts, seed=seed, name=dataset.name)
+            return MaskedLMObjective(texts, seed=seed, name=dataset.name, vocabulary=mlm_vocabulary)
         return CausalLMObjective(texts, name=dataset.name)
 
     common = dict(threads=ctx.threads, force=True, progress=ctx.progress, name=ctx.name,
@@ -464,4 +467,5 @@ def stack_step(
     return stack_modules(base, modules, out, allow_base_mismatch=allow_base_mismatch)
 
 
+import posthoc.recipes.split_steps  # noqa: E402,F401  (registers the `split` step kind)
 import posthoc.recipes.vlm  # noqa: E402,F401  (registers the cross-modal step kinds)
