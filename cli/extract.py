@@ -5,8 +5,8 @@ from posthoc.cli.main import main, parse_size, reports_errors
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
 from posthoc.errors import ConfigError
-from posthoc.modules.extract import EXTRACT_KINDS
-from posthoc.modules.extract import extract as extract_module
+from posthoc.modules.extraction import EXTRACT_KINDS
+from posthoc.modules.extraction import extract as extract_module
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:

@@ -68,7 +68,7 @@ def test_stack_applies_a_mask_module_and_load_gives_the_same_model(tiny, cluster
 
 def test_stack_adds_deltas_then_masks(tiny, cluster, tmp_path):
     """θ = M ⊙ (θ₀ + φ): a delta module on the same tensor is added before the mask zeroes."""
-    from posthoc.modules.extract import extract
+    from posthoc.modules.extraction import extract
 
     module, member = cluster
     with open_checkpoint(tiny) as base:

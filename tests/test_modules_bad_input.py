@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from modules_common import bert_copy, bert_pair, fails_cleanly, make_pair  # noqa: F401  (fixtures)
 from posthoc.cli import main
 
-from posthoc.modules.extract import extract
+from posthoc.modules.extraction import extract
 
 
 @pytest.fixture(scope="module")

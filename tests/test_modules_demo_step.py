@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 from tiny_text import make_tiny_bert, synthetic_corpus
 
-import posthoc.modules.extract as extract_module
 from posthoc.data import stratified_split
 from posthoc.demo import DemoContext, DemoSettings, Task
 from posthoc.finetune import ClassificationHead, FinetuneSettings, evaluate, finetune
@@ -60,7 +60,7 @@ def test_demo_step_scores_the_stacked_modules_and_reuses_them(context, tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("the cached step extracted again")
 
-    monkeypatch.setattr(extract_module, "extract", refuse)
+    monkeypatch.setattr(importlib.import_module("posthoc.modules.extraction"), "extract", refuse)
     again = demo_step(context)
     assert again.endswith("(cached)") and again.split("\n\ntime:")[0] == text.split("\n\ntime:")[0]
     with pytest.raises(AssertionError, match="extracted again"):

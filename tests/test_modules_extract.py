@@ -20,7 +20,7 @@ from modules_common import (  # noqa: F401  (fixtures)
 from posthoc.cli import main
 
 from posthoc.modules.apply import stack
-from posthoc.modules.extract import extract
+from posthoc.modules.extraction import extract
 from posthoc.modules.module import open_module
 
 

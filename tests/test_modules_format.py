@@ -71,3 +71,11 @@ def test_writer_streams_shards_and_publishes_atomically(tmp_path):
         writer.write("module", "a", torch.zeros(2))
         raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_public_entry_points_are_the_functions_whatever_was_imported_first():
+    import posthoc.cli  # noqa: F401  (imports every command's library module first)
+
+    from posthoc.modules import extract, open_module, stack
+
+    assert all(callable(f) and f.__name__ == n for f, n in [(extract, "extract"), (stack, "stack"), (open_module, "open_module")])

@@ -16,7 +16,7 @@ from posthoc.cli import main
 from posthoc.merge import MergeConfig, merge_checkpoints
 from posthoc.modules import lowrank
 from posthoc.modules.apply import stack
-from posthoc.modules.extract import extract
+from posthoc.modules.extraction import extract
 
 
 @pytest.fixture(scope="module")

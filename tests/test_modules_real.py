@@ -11,7 +11,7 @@ from posthoc.assets import minilm_dir
 from posthoc.data import load_bbc, stratified_split
 from posthoc.finetune import ClassificationHead, Encoder, FinetuneSettings, finetune
 from posthoc.modules.apply import stack
-from posthoc.modules.extract import extract
+from posthoc.modules.extraction import extract
 
 
 @pytest.fixture(scope="module")

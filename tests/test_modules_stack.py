@@ -14,7 +14,7 @@ from posthoc.cli import main
 
 from posthoc.checkpoint import open_checkpoint
 from posthoc.modules.apply import open_applied, stack
-from posthoc.modules.extract import extract
+from posthoc.modules.extraction import extract
 from posthoc.modules.module import open_module
 
 

@@ -86,7 +86,7 @@ def test_sparse_finetune_changes_exactly_the_top_entries_of_the_chosen_parameter
     # The module extracted from it (every changed entry) is exact: base + module == the fine-tune (up to the
     # float32 rounding of (θ₂ − θ₀) + θ₀), and it stores nothing else.
     from posthoc.modules.apply import stack
-    from posthoc.modules.extract import extract
+    from posthoc.modules.extraction import extract
 
     extract(tiny_base, tmp_path / "sft", tmp_path / "module", kind="sparse", density=1.0, progress=False)
     stack(tiny_base, [tmp_path / "module"], tmp_path / "stacked", progress=False)

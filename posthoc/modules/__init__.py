@@ -39,19 +39,14 @@ __all__ = [
 ]
 
 
+_LAZY = {"extract": "posthoc.modules.extraction", "stack": "posthoc.modules.apply", "open_module": "posthoc.modules.module"}
+
+
 def __getattr__(name: str):
     # The heavier entry points are imported on first use, so `posthoc.modules.format` stays cheap to import
     # (the merge engine and the analysers import it) and no import cycle with posthoc.merge can form.
-    if name == "extract":
-        from posthoc.modules.extract import extract
+    if name not in _LAZY:
+        raise AttributeError(f"module 'posthoc.modules' has no attribute {name!r}")
+    import importlib
 
-        return extract
-    if name == "stack":
-        from posthoc.modules.apply import stack
-
-        return stack
-    if name == "open_module":
-        from posthoc.modules.module import open_module
-
-        return open_module
-    raise AttributeError(f"module 'posthoc.modules' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

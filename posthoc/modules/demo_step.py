@@ -63,7 +63,7 @@ def demo_step(context: DemoContext) -> str:
             return _table(record["rows"], names, record["timings"], {n: len(t) for n, t in tests.items()}, cached=True)
 
     from posthoc.modules.apply import stack
-    from posthoc.modules.extract import extract
+    from posthoc.modules.extraction import extract
 
     root.mkdir(parents=True, exist_ok=True)
     record_path.unlink(missing_ok=True)

@@ -91,7 +91,7 @@ def run_module_proof(
     """
     from posthoc.demo import DemoSettings, _embed_tasks, _finetune_cached
     from posthoc.modules.apply import stack
-    from posthoc.modules.extract import extract
+    from posthoc.modules.extraction import extract
 
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def extract_module(base: Path, model: Path, out: Path, *, kind: str, density: float | None, rank: int | None) -> dict[str, Any]:
-    from posthoc.modules.extract import extract  # the function (the package attribute may be the submodule)
+    from posthoc.modules.extraction import extract
 
     options: dict[str, Any] = {}
     if kind == "sparse":
