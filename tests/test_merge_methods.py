@@ -306,18 +306,3 @@ def test_ties_rescale_preserves_l1_and_accepts_bf16(chunked):
     ratio = delta.abs().sum() / kept.abs().sum()
     torch.testing.assert_close(got, base.float() + kept * ratio, atol=1e-6, rtol=1e-5)
 
-
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
-def test_inputs_fitted_on_two_threads_give_the_same_bits(method, monkeypatch):
-    from posthoc.merge import methods
-
-    base = rand(64, 50, seed=0)
-    tuned = [base + 0.01 * rand(64, 50, seed=i) for i in (1, 2, 3)]
-    params = {"density": [0.3] * 3, "weight": [0.5, 1.0, 0.7]}
-    if torch.get_num_threads() < 2:
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(methods, "PARALLEL_FIT_ELEMENTS", 1 << 40)
-    serial = call(method, tuned, base, generator=torch.Generator().manual_seed(5), **params)
-    monkeypatch.setattr(methods, "PARALLEL_FIT_ELEMENTS", 0)
-    parallel = call(method, tuned, base, generator=torch.Generator().manual_seed(5), **params)
-    assert methods._FIT_POOL is not None and torch.equal(serial, parallel)

@@ -11,8 +11,6 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import torch
@@ -127,7 +125,7 @@ def task_arithmetic_family(
             return sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generators[i])
         return sparsify.KEEP_ALL
 
-    selections = _map_inputs(select, len(tensors), n)
+    selections = [select(i) for i in range(len(tensors))]
 
     total_weight = sum(weight)
     out = torch.empty(n if not single else 0, dtype=out_dtype or compute)
@@ -167,22 +165,6 @@ def task_arithmetic_family(
             return mixed.add_(base_of(s)).reshape(shape).to(out_dtype or compute)
         out[s] = mixed.add_(base_of(s))
     return out.reshape(shape)
-
-
-_FIT_POOL: ThreadPoolExecutor | None = None
-PARALLEL_FIT_ELEMENTS = 1 << 20
-
-
-def _map_inputs(fit: Callable[[int], sparsify.Selection], count: int, n: int) -> list[sparsify.Selection]:
-    """fit(i) for every input, on two threads for large tensors: the top-k histogram (`bincount`) and
-    `nonzero` run on one core in torch, so fitting two inputs at once is what uses the second core.
-    Each input has its own generator and selection, so the result does not depend on the scheduling."""
-    global _FIT_POOL
-    if count < 2 or n < PARALLEL_FIT_ELEMENTS or torch.get_num_threads() < 2:
-        return [fit(i) for i in range(count)]
-    if _FIT_POOL is None:
-        _FIT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="posthoc-fit")
-    return list(_FIT_POOL.map(fit, range(count)))
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
