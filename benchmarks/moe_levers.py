@@ -65,6 +65,10 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
         "e64_50": ({"experts": 64, "top_k": 32}, ("oracle", "mlp")),
         "output50": ({"experts": 64, "top_k": 32, "score": "output"}, ("oracle", "mlp")),
         "shared50": ({"shared": 0.25, "experts": 48, "top_k": 16, "score": "output"}, ("oracle", "mlp")),
+        "layerheal50": ({"experts": 64, "top_k": 32, "score": "output", "lora_rank": 32, "layer_heal_epochs": 5},
+                        ("mlp",)),
+        "heal50": ({"experts": 64, "top_k": 32, "score": "output", "lora_rank": 32, "layer_heal_epochs": 5,
+                    "heal_steps": 100, "heal_lr": 1e-3}, ("mlp",)),
     },
 }
 NEURON_ORACLE = {"minilm": (0.25, 0.5), "smollm2": (0.5, 0.25)}

@@ -73,9 +73,10 @@ DemoStep = Callable[[DemoContext], str]
 def extra_steps() -> list[tuple[str, DemoStep]]:
     """The demo's steps after merging, in order: (name, step). Imported here so the demo's first part stays light."""
     from posthoc.analyse.cluster_demo import demo_step as cluster_step
+    from posthoc.analyse.moe_demo import demo_step as moe_step
     from posthoc.modules.demo_step import demo_step as modules_step
 
-    return [("modules", modules_step), ("clusters", cluster_step)]
+    return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", cluster_step)]
 
 
 @dataclass(frozen=True)

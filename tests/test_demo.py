@@ -61,7 +61,7 @@ def test_demo_rows_table_and_results_file(first_run):
     assert result.row("fine-tune A").accuracy["A"] > 0.7 and result.row("fine-tune B").accuracy["B"] > 0.8
     table, *later = printed
     assert table.split("time:")[0] == result.table().split("time:")[0]  # timings grow with the later steps
-    assert later == ["\n" + block for block in result.extra.values()] and list(result.extra) == ["modules", "clusters"]
+    assert later == ["\n" + block for block in result.extra.values()] and list(result.extra) == ["modules", "MoE-fication", "clusters"]
     flat = " ".join(table.split())
     assert "has no head of its own" in flat and "linear probe" in flat and "picked on validation" in flat
     assert read_record(work / "finetune-A")["name"] == "A"

@@ -22,7 +22,7 @@ from torch import nn
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm, token_batches
 from posthoc.analyse.moe_layers import MoEFFN, moe_layers
 from posthoc.errors import DataError
-from posthoc.finetune import mean_pool
+from posthoc.finetune import mean_pool, torch_threads
 from posthoc.progress import progress_bar
 
 
@@ -102,7 +102,7 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
                 layer.lora_b.copy_(b)
         params = trainable_parameters(layer)
 
-        def sample_loss() -> float:
+        def sample_loss(layer: MoEFFN = layer, x: torch.Tensor = x, target: torch.Tensor = target) -> float:
             with torch.no_grad():
                 return sum(float((layer(x[j : j + 4096]) - target[j : j + 4096]).square().sum())
                            for j in range(0, x.shape[0], 4096)) / x.shape[0]
@@ -112,15 +112,16 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
                 p.requires_grad_(True)
             optimizer = torch.optim.Adam(params.values(), lr=moe.heal_lr)
             best, best_state = sample_loss(), {k: p.detach().clone() for k, p in params.items()}
-            for _ in range(moe.layer_heal_epochs):
-                for idx in torch.randperm(x.shape[0], generator=generator).split(512):
-                    loss = (layer(x[idx]) - target[idx]).square().sum(-1).mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                current = sample_loss()
-                if current < best:  # keep the best epoch (the start included): training never makes it worse
-                    best, best_state = current, {k: p.detach().clone() for k, p in params.items()}
+            with torch_threads(1):  # small per-expert matmuls: a second thread mostly waits on a busy machine
+                for _ in range(moe.layer_heal_epochs):
+                    for idx in torch.randperm(x.shape[0], generator=generator).split(512):
+                        loss = (layer(x[idx]) - target[idx]).square().sum(-1).mean()
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    current = sample_loss()
+                    if current < best:  # keep the best epoch (the start included): training never makes it worse
+                        best, best_state = current, {k: p.detach().clone() for k, p in params.items()}
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(best_state[k])

@@ -176,8 +176,8 @@ def read_structure(directory: Path) -> tuple[Manifest, dict[str, Any]]:
     manifest = read_manifest(directory)
     if manifest.kind != "experts":
         raise ModuleError(
-            f"{directory}: a posthoc module of kind {manifest.kind!r}; posthoc.load needs kind 'experts' "
-            "(the output of `posthoc split moe`)"
+            f"{directory}: a posthoc module of kind {manifest.kind!r}; an MoE-fication output has kind 'experts' "
+            "(`posthoc split moe`); posthoc.load also runs 'mask' modules, apply others with `posthoc stack`"
         )
     path = directory / "experts.json"
     try:

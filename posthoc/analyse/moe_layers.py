@@ -22,6 +22,7 @@ the original block, which then runs on an empty (…, 0) tensor. This works for 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from posthoc.errors import ConfigError
 
 ROUTERS = ("centroid", "mlp", "oracle")
 ROUTINGS = ("topk", "threshold")
+_WORKSPACES = threading.local()  # per thread: {key: buffer}, see MoEFFN._workspace
 
 
 class CentroidRouter(nn.Module):
@@ -233,21 +235,31 @@ class MoEFFN(nn.Module):
         weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
         if weighted:
             gate = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
-        xs = x.index_select(0, tokens)  # (P, d), grouped by expert
-        outs = []
+        # Inference writes the gathered inputs and the expert outputs into buffers kept between calls: a
+        # fresh (P, d) tensor per call costs as much as the expert matmuls (page faults of a new mapping).
+        reuse = not torch.is_grad_enabled()
+        p = len(tokens)
+        if reuse:
+            xs = torch.index_select(x, 0, tokens, out=self._workspace("xs", p, x))  # (P, d), grouped by expert
+            outs = self._workspace("out", p, x)  # (P, d)
+        else:
+            xs, parts = x.index_select(0, tokens), []
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             lo, hi = self.offsets[e], self.offsets[e + 1]
             h = self._hidden(xs[start : start + n], *self._rows(e + 1))
-            out = h @ self.down_t[lo:hi]
-            if weighted:
-                out = out * gate[start : start + n, None]
-            outs.append(out)
+            if reuse:
+                out = torch.mm(h, self.down_t[lo:hi], out=outs[start : start + n])
+                if weighted:
+                    out.mul_(gate[start : start + n, None])
+            else:
+                out = h @ self.down_t[lo:hi]
+                parts.append(out * gate[start : start + n, None] if weighted else out)
             start += n
-        if outs:
-            y = y.index_add(0, tokens, torch.cat(outs))
+        if p:
+            y = y.index_add(0, tokens, outs if reuse else torch.cat(parts))
         if self.use_compensation:
             # Σ_{e ∉ S} c_e = Σ_e c_e − Σ_{e ∈ S} c_e
             skipped = self.compensation.sum(0).expand(t, -1) - torch.zeros_like(y).index_add_(
@@ -257,6 +269,19 @@ class MoEFFN(nn.Module):
         if self.lora_a is not None:
             y = y + (x @ self.lora_a.T) @ self.lora_b.T
         return y
+
+    def _workspace(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, d_model) buffer kept between inference calls and shared by every MoE layer (they run one
+        after the other), grown when a call needs more. One per thread, so concurrent forwards stay apart;
+        inference tensors cannot be written outside inference mode, so one for each mode too."""
+        key = (name, self.d_model, like.dtype, like.device, torch.is_inference_mode_enabled())
+        if not hasattr(_WORKSPACES, "buffers"):
+            _WORKSPACES.buffers = {}
+        buffer = _WORKSPACES.buffers.get(key)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = torch.empty(max(rows, 1), self.d_model, dtype=like.dtype, device=like.device)
+            _WORKSPACES.buffers[key] = buffer
+        return buffer[:rows]
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, experts={self.experts}, shared={self.shared}, "

@@ -4,7 +4,7 @@
     result = moefy("path/to/model", "out/moe", "bbc:train", eval_data="bbc:test", experts=16, top_k=4)
     result.summary       # dense and MoE quality at the fitted top_k, router recall, timings
 
-`demo_moe(work_dir)` is the short step the README demo runs on all-MiniLM-L6-v2.
+The README demo's step is `posthoc.analyse.moe_demo.demo_step`.
 """
 
 from __future__ import annotations
@@ -128,14 +128,3 @@ def measure_speed(moe: MoEfier, net: torch.nn.Module, tokens: int = 2048) -> lis
         timing = time_ffn(layers[0], dense, x)
         return [{"layer": 0, "tokens": tokens, "top_k": layers[0].top_k, "experts": layers[0].experts, **timing}]
 
-
-def demo_moe(work_dir: str | os.PathLike[str], *, force: bool = True, progress: bool = False) -> dict[str, Any]:
-    """The README demo's MoE-fication step: all-MiniLM-L6-v2, 16 experts, top-4 (25 %), k-means partition,
-    MLP router, calibrated on BBC train (20 k tokens), scored on 100 BBC test articles: embedding cosine
-    to dense and the accuracy a probe trained on dense embeddings keeps. Returns the summary."""
-    from posthoc.assets import minilm_dir
-
-    result = moefy(minilm_dir(), Path(work_dir) / "minilm-moe", "bbc:train", eval_data="bbc:test", eval_texts=100,
-                   experts=16, top_k=4, partition="kmeans", router="mlp", max_tokens=20_000, router_tokens=10_000,
-                   progress=progress, force=force, compare=False)
-    return {"out_dir": str(result.out_dir), **result.summary}
