@@ -272,6 +272,23 @@ class Checkpoint:
         self.close()
 
 
+class CheckpointView(Checkpoint):
+    """A checkpoint computed from another one as it is read (a base with modules added, a masked base): the
+    base's names, shapes, dtypes, config and directory; a subclass defines `read`."""
+
+    def __init__(self, base: Checkpoint, source: str, warnings: list[str]):
+        self.base = base
+        self.source = source
+        self.warnings = warnings
+        self.directory = base.directory
+        self.config = base.config
+        self.tensors = base.tensors
+        self._files = {}
+
+    def close(self) -> None:
+        self.base.close()
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None

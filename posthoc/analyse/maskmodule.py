@@ -41,6 +41,7 @@ import torch
 from posthoc.analyse.ffn import FFN
 from posthoc.checkpoint import (
     Checkpoint,
+    CheckpointView,
     CheckpointWriter,
     TensorSpec,
     check_output_location,
@@ -176,7 +177,7 @@ def apply_to_tensor(tensor: torch.Tensor, mask: torch.Tensor, axis: int | None, 
     return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype))
 
 
-class MaskedCheckpoint(Checkpoint):
+class MaskedCheckpoint(CheckpointView):
     """A checkpoint (or any Checkpoint view, e.g. a base with additive modules applied) read through mask
     modules: `read(name, rows)` zeroes what each mask says goes ("keep": its 0s; "remove": its 1s).
 
@@ -186,14 +187,8 @@ class MaskedCheckpoint(Checkpoint):
 
     def __init__(self, base: Checkpoint, masks: list[tuple[Manifest, dict[str, torch.Tensor], str, str]],
                  warnings: list[str]):
-        self.base = base
+        super().__init__(base, base.source + "".join(f"*{where}({mode})" for _, _, mode, where in masks), warnings)
         self.masks = masks  # (manifest, stored masks, mode, module path)
-        self.source = base.source + "".join(f"*{where}({mode})" for _, _, mode, where in masks)
-        self.directory = base.directory
-        self.config = base.config
-        self.tensors = base.tensors
-        self.warnings = warnings
-        self._files = {}
 
     def __repr__(self) -> str:
         return f"MaskedCheckpoint({self.source!r})"
@@ -213,10 +208,6 @@ class MaskedCheckpoint(Checkpoint):
                 mask = mask[rows]
             value = apply_to_tensor(value, mask, axis, mode)
         return value
-
-    def close(self) -> None:
-        self.base.close()
-
 
 def is_mask_module(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a posthoc module of kind "mask" (cheap: reads module.json only)."""

@@ -28,6 +28,7 @@ import posthoc
 from posthoc.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
+    CheckpointView,
     CheckpointWriter,
     TensorSpec,
     check_output_location,
@@ -42,7 +43,7 @@ from posthoc.progress import progress_bar
 MERGE_REMEDY = "merge it with the base it was made for (base_model / --base, or BASE+MODULE)"
 
 
-class AppliedCheckpoint(Checkpoint):
+class AppliedCheckpoint(CheckpointView):
     """A base with modules applied, read lazily: `read(name, rows)` = θ₀ + Σ sᵢ φᵢ for that tensor (rows).
 
     Same interface as a Checkpoint (tensors, read, config, directory, source, architecture, close); the
@@ -51,14 +52,8 @@ class AppliedCheckpoint(Checkpoint):
 
     def __init__(self, base: Checkpoint, modules: Sequence[tuple[Module, float]], source: str, warnings: list[str]):
         # Nothing of its own to open: the base and the modules are opened already.
-        self.base = base
+        super().__init__(base, source, warnings)
         self.modules = list(modules)
-        self.source = source
-        self.directory = base.directory
-        self.config = base.config
-        self.tensors = base.tensors
-        self.warnings = warnings
-        self._files = {}
 
     def __repr__(self) -> str:
         return f"AppliedCheckpoint({self.source!r}, {len(self.modules)} module(s) on {self.base.source!r})"
@@ -80,7 +75,7 @@ class AppliedCheckpoint(Checkpoint):
     def close(self) -> None:
         for module, _ in self.modules:
             module.close()
-        self.base.close()
+        super().close()
 
 
 def open_applied(
