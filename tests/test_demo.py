@@ -203,3 +203,6 @@ def test_demo_on_minilm_and_bbc_news(tmp_path):
         assert row.accuracy["A"] > 0.4 and row.accuracy["B"] > 0.6, row
     base_names = list(open_checkpoint(result.rows[0].encoder).tensors)
     assert list(open_checkpoint(tmp_path / "finetune-A").tensors) == base_names
+    # The later steps ran on the real encoder and printed their tables.
+    assert list(result.extra) == ["modules", "MoE-fication", "clusters"]
+    assert all(len(block.splitlines()) >= 3 for block in result.extra.values())
