@@ -338,20 +338,13 @@ def merge_modules(
                 raise ModuleError(f"merging modules with {method.name} (as configured) needs the base checkpoint (base_model / --base)")
             names = _float_names(base)
             shapes = {n: tuple(base.tensors[n].shape) for n in names}
-        protect = [Path(m.path) for m in modules if m is not None] + ([base.directory] if base is not None else [])
-        builder = ModuleBuilder(out_dir, _output_kind(modules), base_ref, force=force, protect=protect, shard_size=shard_size)
-        with builder.writer:
-            records = _merge_tensors(builder, modules, names, shapes, plan, base, rank, progress)
-            provenance = {
-                "made_by": "posthoc merge", "method": method.name, "paper": method.paper, "config": config.to_dict(),
-                "seed": seed, "rank": rank,
-            }
-            worst = _finish(builder, base, records, provenance, None)
-            out = builder.commit()
-        return ModuleMergeResult(
-            out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
-            total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=seed,
-            report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+        provenance = {
+            "made_by": "posthoc merge", "method": method.name, "paper": method.paper, "config": config.to_dict(),
+            "seed": seed, "rank": rank,
+        }
+        return _write_module(
+            out_dir, modules, base_ref, base, names, shapes, plan, rank, provenance, None,
+            seed=seed, warnings=warnings, started=started, force=force, progress=progress, shard_size=shard_size,
         )
     finally:
         for m in modules:
@@ -359,6 +352,39 @@ def merge_modules(
                 m.close()
         if base is not None:
             base.close()
+
+
+def _write_module(
+    out_dir: str | Path,
+    modules: Sequence[Any],
+    base_ref: BaseRef,
+    base: Checkpoint | None,
+    names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    plan: Any,
+    rank: int | None,
+    provenance: dict[str, Any],
+    tags: dict[str, str] | None,
+    *,
+    seed: int | None,
+    warnings: list[str],
+    started: float,
+    force: bool,
+    progress: bool,
+    shard_size: int,
+) -> ModuleMergeResult:
+    """Merge the inputs tensor by tensor into one module at `out_dir` (atomically) and describe the result."""
+    protect = [Path(m.path) for m in modules if m is not None] + ([base.directory] if base is not None else [])
+    builder = ModuleBuilder(out_dir, _output_kind(modules), base_ref, force=force, protect=protect, shard_size=shard_size)
+    with builder.writer:
+        records = _merge_tensors(builder, modules, names, shapes, plan, base, rank, progress)
+        worst = _finish(builder, base, records, provenance, tags)
+        out = builder.commit()
+    return ModuleMergeResult(
+        out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
+        total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=seed,
+        report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+    )
 
 
 def _float_names(base: Checkpoint) -> list[str]:
@@ -397,19 +423,11 @@ def combine(
             warnings += more
         names, shapes = _names(opened, resolved)
         coefficients = [float(s) for s in scales]
-        protect = [Path(m.path) for m in opened if m is not None] + ([resolved.directory] if resolved is not None else [])
-        builder = ModuleBuilder(out_dir, _output_kind(opened), base_ref, force=force, protect=protect, shard_size=shard_size)
-        with builder.writer:
-            records = _merge_tensors(
-                builder, opened, names, shapes, lambda name: _Plan(coefficients=coefficients), resolved, rank, progress
-            )
-            info = {**(provenance or {}), "modules": [str(m) for m in modules], "scales": coefficients, "rank": rank}
-            worst = _finish(builder, resolved, records, info, tags)
-            out = builder.commit()
-        return ModuleMergeResult(
-            out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
-            total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=None,
-            report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+        info = {**(provenance or {}), "modules": [str(m) for m in modules], "scales": coefficients, "rank": rank}
+        return _write_module(
+            out_dir, opened, base_ref, resolved, names, shapes, lambda name: _Plan(coefficients=coefficients), rank,
+            info, tags, seed=None, warnings=warnings, started=started, force=force, progress=progress,
+            shard_size=shard_size,
         )
     finally:
         for m in opened:
