@@ -191,12 +191,10 @@ def normalized_cut(adjacency: np.ndarray, labels: np.ndarray) -> float:
 def _single_thread() -> Iterator[None]:
     """LAPACK's eigensolvers scale badly past one thread and collapse when cores are shared (a 768 × 768
     eigh took 16 s on 2 busy threads, 1 s on one): run them on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from posthoc.finetune import torch_threads
+
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def spectral_embedding(adjacency: np.ndarray, k: int, seed: int = 0, sides: np.ndarray | None = None) -> np.ndarray:

@@ -40,12 +40,10 @@ def _threads_for(elements: int) -> Iterator[None]:
     if elements >= SMALL_ELEMENTS:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from posthoc.finetune import torch_threads  # imported here: finetune pulls in transformers
+
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def uses_randomized(shape: tuple[int, int], rank: int) -> bool:
