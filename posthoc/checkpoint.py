@@ -641,10 +641,15 @@ def save_state_dict(
     protect: Iterable[Path] = (),
     shard_size: int = DEFAULT_SHARD_SIZE,
     extra_json: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+    weights_name: str = "model",
 ) -> Path:
-    """Write an in-memory state dict as a checkpoint (for small outputs: fine-tunes, converted models)."""
+    """Write an in-memory state dict as a checkpoint (for small outputs: fine-tunes, converted models, modules);
+    `extra_json` / `extra_files` are written beside it as JSON / text."""
     specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
-    with CheckpointWriter(out_dir, specs, force=force, protect=protect, shard_size=shard_size) as writer:
+    with CheckpointWriter(
+        out_dir, specs, force=force, protect=protect, shard_size=shard_size, weights_name=weights_name
+    ) as writer:
         for name, tensor in state.items():
             writer.write(name, tensor)
         if copy_from is not None:
@@ -653,6 +658,8 @@ def save_state_dict(
             writer.add_json("config.json", config)
         for file_name, obj in (extra_json or {}).items():
             writer.add_json(file_name, obj)
+        for file_name, text in (extra_files or {}).items():
+            (writer.staging / file_name).write_text(text)
         return writer.commit()
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 import posthoc
-from posthoc.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from posthoc.checkpoint import Checkpoint, open_checkpoint, save_state_dict
 from posthoc.errors import PosthocError
 
 MODULE_FILE = "module.json"
@@ -253,13 +253,7 @@ def write_module(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a module atomically (temporary directory, renamed at the end) through the checkpoint writer."""
-    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    with CheckpointWriter(out_dir, specs, force=force, protect=protect, weights_name=weights_name) as writer:
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
-        writer.add_json(MODULE_FILE, manifest.to_json())
-        for file_name, obj in (extra_json or {}).items():
-            writer.add_json(file_name, obj)
-        for file_name, text in (extra_files or {}).items():
-            (writer.staging / file_name).write_text(text)
-        return writer.commit()
+    return save_state_dict(
+        tensors, out_dir, force=force, protect=protect, weights_name=weights_name,
+        extra_json={MODULE_FILE: manifest.to_json(), **(extra_json or {})}, extra_files=extra_files,
+    )
