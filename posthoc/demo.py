@@ -227,14 +227,7 @@ def run_demo(
     cached: dict[str, bool] = {}
 
     clock = time.perf_counter()
-    if base_dir is None:
-        from posthoc.assets import minilm_dir
-
-        base_dir = minilm_dir()
-    base_dir = Path(base_dir)
-    data = data if data is not None else load_bbc()
-    split = stratified_split(data, validation=settings.validation, test=settings.test, seed=settings.split_seed)
-    task_splits = {task.name: split.subset(task.label_names) for task in settings.tasks}
+    base_dir, task_splits = demo_inputs(settings, base_dir, data)
     timings["data"] = time.perf_counter() - clock
 
     # 1. One fine-tune per task (encoder + head), reused when made from the same base, data and settings.
@@ -342,6 +335,21 @@ def run_demo(
 
 
 # ----------------------------------------------------------------------------------------------- steps
+
+
+def demo_inputs(
+    settings: DemoSettings,
+    base_dir: str | os.PathLike[str] | None = None,
+    data: TextClassificationData | None = None,
+) -> tuple[Path, dict[str, DataSplit]]:
+    """The base encoder (the packaged all-MiniLM-L6-v2 unless given) and each task's train/validation/test split."""
+    if base_dir is None:
+        from posthoc.assets import minilm_dir
+
+        base_dir = minilm_dir()
+    data = data if data is not None else load_bbc()
+    split = stratified_split(data, validation=settings.validation, test=settings.test, seed=settings.split_seed)
+    return Path(base_dir), {task.name: split.subset(task.label_names) for task in settings.tasks}
 
 
 def _fingerprint(data: TextClassificationData) -> str:

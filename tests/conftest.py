@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def bert_family(tmp_path_factory) -> tuple[Path, list[Path]]:
     from transformers import BertModel
 
     return make_family(tmp_path_factory.mktemp("bert"), BertModel, tiny_bert_config(vocab_size=100), 2)
+
+
+def private_copy(base: Path, tuned: list[Path], root: Path) -> tuple[Path, list[Path]]:
+    """A copy of a model family under `root` that a test may damage."""
+    shutil.copytree(base, root / "base")
+    for p in tuned:
+        shutil.copytree(p, root / p.name)
+    return root / "base", [root / p.name for p in tuned]
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:

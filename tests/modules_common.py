@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_all, tiny_bert_config, tiny_llama_config
+from conftest import private_copy, read_all, tiny_bert_config, tiny_llama_config
 
 
 def make_pair(root: Path, model_cls, config, n_tuned: int = 2, seed: int = 0) -> tuple[Path, list[Path]]:
@@ -51,11 +50,7 @@ def llama_tied_pair(tmp_path_factory) -> tuple[Path, list[Path]]:
 @pytest.fixture()
 def bert_copy(bert_pair, tmp_path) -> tuple[Path, list[Path]]:
     """A private copy a test may damage."""
-    base, tuned = bert_pair
-    shutil.copytree(base, tmp_path / "base")
-    for p in tuned:
-        shutil.copytree(p, tmp_path / p.name)
-    return tmp_path / "base", [tmp_path / p.name for p in tuned]
+    return private_copy(*bert_pair, tmp_path)
 
 
 def changes(base: Path, tuned: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import tree_digest
+from conftest import private_copy, tree_digest
 from posthoc.cli import main
 from safetensors.torch import load_file, save_file
 
@@ -20,11 +20,7 @@ from safetensors.torch import load_file, save_file
 @pytest.fixture()
 def family(llama_family, tmp_path) -> tuple[Path, list[Path]]:
     """A private copy of the tiny Llama family that a test may damage."""
-    base, tuned = llama_family
-    shutil.copytree(base, tmp_path / "base")
-    for p in tuned:
-        shutil.copytree(p, tmp_path / p.name)
-    return tmp_path / "base", [tmp_path / p.name for p in tuned]
+    return private_copy(*llama_family, tmp_path)
 
 
 def terminal_text(stream: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from posthoc.data import TextClassificationData, load_bbc, stratified_split
+from posthoc.data import TextClassificationData
 from posthoc.finetune import ClassificationHead, Encoder
 
 
@@ -89,7 +89,7 @@ def run_module_proof(
 
     `work_dir` is the demo's work directory: its cached fine-tunes are reused when they match.
     """
-    from posthoc.demo import DemoSettings, _embed_tasks, _finetune_cached
+    from posthoc.demo import DemoSettings, _embed_tasks, _finetune_cached, demo_inputs
     from posthoc.modules.apply import stack
     from posthoc.modules.extraction import extract
 
@@ -99,14 +99,7 @@ def run_module_proof(
     work_dir = Path(work_dir).expanduser()
     out = work_dir / "modules"
     out.mkdir(parents=True, exist_ok=True)
-    if base_dir is None:
-        from posthoc.assets import minilm_dir
-
-        base_dir = minilm_dir()
-    base_dir = Path(base_dir)
-    data = data if data is not None else load_bbc()
-    split = stratified_split(data, validation=settings.validation, test=settings.test, seed=settings.split_seed)
-    tasks = {t.name: split.subset(t.label_names) for t in settings.tasks}
+    base_dir, tasks = demo_inputs(settings, base_dir, data)
     a, b = (t.name for t in settings.tasks)
     tuned = {}
     for task in settings.tasks:
