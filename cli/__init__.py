@@ -1,7 +1,7 @@
-"""The `posthoc` command line: parse, call the library, print."""
+"""The `posthoc` command line: parse, call the library, print.
 
-# Each command module adds its commands to `main` when imported.
-from posthoc.cli import check, demo, extract, merge, recipe, split, split_find, stack  # noqa: F401
+Each command lives in its own module, imported when the command runs (see `main.LazyGroup`)."""
+
 from posthoc.cli.main import main
 
 __all__ = ["main"]

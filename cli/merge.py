@@ -63,6 +63,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--shard-size", default=f"{DEFAULT_SHARD_SIZE // 10**9}GB", show_default=True, help="Max bytes per shard (5GB, 500MB …).")
 @click.option("--rank", type=int, help="All inputs LoRA modules: re-factor the merged LoRA to this rank (default: exact).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("-j", "--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's setting, all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def merge(
@@ -81,6 +82,7 @@ def merge(
     shard_size: str,
     rank: int | None,
     force: bool,
+    threads: int | None,
     quiet: bool,
 ) -> None:
     """Merge checkpoints described by a mergekit-style CONFIG.yml into OUT_DIR, or, in the flag form,
@@ -109,7 +111,8 @@ def merge(
         config = MergeConfig.from_dict(data, where="flags")
         out_dir = output
     result = merge_checkpoints(
-        config, out_dir, force=force, shard_size=parse_size(shard_size), seed=seed, progress=not quiet, rank=rank
+        config, out_dir, force=force, shard_size=parse_size(shard_size), seed=seed, progress=not quiet, rank=rank,
+        threads=threads,
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class TensorInfo:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -146,6 +147,7 @@ class _SafetensorsFile:
             self.infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, path)
             self.offsets[name] = tuple(entry["data_offsets"])
         self._fd: int | None = None
+        self._opening = threading.Lock()
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         info = self.infos[name]
@@ -157,7 +159,9 @@ class _SafetensorsFile:
             begin, end = begin + start * row_bytes, begin + stop * row_bytes
             shape[0] = stop - start
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with self._opening:  # tensors are read from several threads (the merge engine's workers)
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         got = 0

@@ -151,9 +151,34 @@ def test_inputs_read_lazily_by_rows_give_the_same_result(llama_family, tmp_path,
     merge_checkpoints(config, tmp_path / "whole", progress=False, seed=1)
     monkeypatch.setattr(sparsify, "CHUNK_ELEMENTS", 100)
     monkeypatch.setattr(sparsify, "WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(sparsify, "SLICE_ELEMENTS", 37)  # slices that cut rows
     merge_checkpoints(config, tmp_path / "lazy", progress=False, seed=1, lazy_bytes=0)
     whole, lazy = read_all(tmp_path / "whole"), read_all(tmp_path / "lazy")
     assert all(torch.equal(whole[k], lazy[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_tensors_merged_in_parallel_write_the_same_bytes(llama_family, tmp_path, method, monkeypatch):
+    """Several tensors are merged at once (within a byte budget; one above it runs alone): the files written
+    must not depend on the number of workers or on the order in which they finish."""
+    from posthoc.merge import engine
+
+    base, tuned = llama_family
+    per_model = {"weight": 0.4} | ({"density": 0.3} if method != "task_arithmetic" else {})
+    config = MergeConfig.from_dict(
+        {"merge_method": method, "base_model": str(base), "models": [{"model": str(p), "parameters": per_model} for p in tuned]}
+    )
+    merge_checkpoints(config, tmp_path / "one", progress=False, seed=2, threads=1)
+    merge_checkpoints(config, tmp_path / "four", progress=False, seed=2, threads=4)
+    monkeypatch.setattr(engine, "IN_FLIGHT_BYTES", 1)  # every tensor is over budget: one at a time, 4 workers
+    merge_checkpoints(config, tmp_path / "alone", progress=False, seed=2, threads=4)
+    weights = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert weights
+    for name in weights:
+        reference = (tmp_path / "one" / name).read_bytes()
+        assert (tmp_path / "four" / name).read_bytes() == reference
+        assert (tmp_path / "alone" / name).read_bytes() == reference
+    assert engine._workers(2) == (2, 1) and engine._workers(1) == (1, 1) and engine._workers(16) == (4, 4)
 
 
 def test_slerp_read_lazily_by_rows_matches_whole(llama_family, tmp_path, monkeypatch):

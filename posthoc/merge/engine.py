@@ -1,7 +1,7 @@
 """The streaming merge engine: per output tensor, read the inputs, merge, write, free.
 
-Memory stays flat in the model size: at any time the engine holds the inputs of the tensor being merged,
-the inputs of the next one (read ahead by a second thread while this one is computed) and the result.
+Memory stays flat in the model size: at any time the engine holds the inputs and results of the few
+tensors being merged at once (one per worker thread, within a byte budget; see `_workers`).
 Methods that read their inputs by chunks of rows get very large inputs as lazy readers (`LazyTensor`), so
 even an embedding matrix is never in memory N times over. Everything that can fail is checked before
 any math (configuration, compatibility, every parameter of every tensor), and the output appears only
@@ -10,14 +10,16 @@ when every tensor has been written and verified finite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,7 @@ import posthoc
 from posthoc import checkpoint as ckpt_io
 from posthoc.compat import CompatReport, check_compatible
 from posthoc.errors import ConfigError, IncompatibleError, OutputError
+from posthoc.finetune import torch_threads
 from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
 from posthoc.merge.sparsify import row_chunks
@@ -37,7 +40,8 @@ from posthoc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_BYTES = 128 * 1024 * 1024  # inputs of the next tensor are read during this one only below this size
+IN_FLIGHT_BYTES = 128 * 1024 * 1024  # inputs held at once by the tensors being merged (one larger runs alone)
+MAX_JOBS = 4  # tensors merged at once, at most
 LAZY_BYTES = 32 * 1024 * 1024  # inputs larger than this stay on disk for methods that read row chunks
 
 
@@ -102,8 +106,11 @@ def merge(
     progress: bool = True,
     lazy_bytes: int = LAZY_BYTES,
     rank: int | None = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a config names into `out_dir` (atomically; nothing appears on failure).
+
+    `threads`: CPU threads to use (default: torch's setting), shared between tensors merged at once.
 
     Inputs may also be modules (see posthoc.modules.apply.open_model_ref). When every merged input is a
     module, the output is a module (posthoc.modules.merging); `rank` re-factors an all-LoRA output."""
@@ -185,21 +192,37 @@ def merge(
                 raw = {k: t.to(config.dtype) if t.dtype.is_floating_point else t for k, t in raw.items()}
             return (raw[base.source] if base is not None else None), [raw[c.source] for c in inputs]
 
+        jobs, threads_each = _workers(threads or torch.get_num_threads())
+        budget = _ByteBudget(IN_FLIGHT_BYTES)
+
+        def merge_into(writer: ckpt_io.CheckpointWriter, name: str) -> None:
+            size = 0 if lazy(name) else reference.tensors[name].nbytes * len(opened)
+            with budget.hold(size):
+                base_tensor, tensors = load(name)
+                out = _merge_one(
+                    config, name, base_tensor, tensors, params[name], seed, [e.model for e in entries], base_ref,
+                    out_dtypes[name],
+                )
+                writer.write(name, out.to(out_dtypes[name]))
+
         with (
             ckpt_io.CheckpointWriter(out_dir, specs, shard_size=shard_size, force=force, protect=[c.directory for c in opened.values()]) as writer,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-read") as reader,
+            torch_threads(threads_each),
+            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="posthoc-merge") as pool,
         ):
-            def input_bytes(name: str) -> int:
-                return 0 if lazy(name) else reference.tensors[name].nbytes * len(opened)
-
+            # Tensors are merged `jobs` at a time, each on its own share of the threads: reads, histograms and
+            # writes are single-threaded, so whole tensors in parallel keep every core busy where
+            # parallelism inside each operation leaves one idle.
+            futures = [pool.submit(merge_into, writer, name) for name in names]
             with progress_bar(len(names), f"merge ({method.name})", "tensor", enabled=progress) as bar:
-                for name, (base_tensor, tensors) in _read_ahead(reader, names, load, input_bytes):
-                    out = _merge_one(
-                        config, name, base_tensor, tensors, params[name], seed, [e.model for e in entries],
-                        base_ref, out_dtypes[name],
-                    )
-                    writer.write(name, out.to(out_dtypes[name]))
-                    bar.update(1)
+                try:
+                    for future in futures:
+                        future.result()
+                        bar.update(1)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
             copied = ckpt_io.copy_side_files(donor.directory, writer, config_from=None)
             output_config = dict(reference.config)
             if output_config:
@@ -279,19 +302,33 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _read_ahead(
-    pool: ThreadPoolExecutor, names: list[str], load: Callable[[str], Any], size: Callable[[str], int]
-) -> Iterator[tuple[str, Any]]:
-    """Yield (name, loaded inputs); the next tensor is read on the other thread while this one is merged,
-    unless both together are large (then memory wins over overlap)."""
-    pending: Future | None = pool.submit(load, names[0]) if names else None
-    for i, name in enumerate(names):
-        current = pending.result() if pending is not None else load(name)
-        pending = None
-        if i + 1 < len(names) and size(name) + size(names[i + 1]) <= READ_AHEAD_BYTES:
-            pending = pool.submit(load, names[i + 1])
-        yield name, current
-        del current
+def _workers(threads: int) -> tuple[int, int]:
+    """(tensors merged at once, intra-op threads each) for this many threads."""
+    threads = max(1, threads)
+    jobs = min(MAX_JOBS, threads)
+    return jobs, max(1, threads // jobs)
+
+
+class _ByteBudget:
+    """Bounds the bytes of inputs held by tensors in flight: a tensor waits until its inputs fit beside the
+    others', and one larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        size = min(size, self.limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 def _merge_one(

@@ -47,9 +47,9 @@ def linear(
     shape = tensors[0].shape
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty(tensors[0].numel(), dtype=out_dtype or compute)
-    for s in sparsify.row_chunks(shape):
-        total = torch.zeros(s.stop - s.start, dtype=compute)
-        for flat, w in zip(flats, weight):
+    for s in sparsify.sub_slices(slice(0, tensors[0].numel())):
+        total = torch.mul(flats[0][s].to(compute), weight[0])
+        for flat, w in zip(flats[1:], weight[1:]):
             total.add_(flat[s].to(compute), alpha=w)  # cast first: mixed-dtype add_ is slower
         if normalize:
             total /= sum(weight)
@@ -87,6 +87,11 @@ def task_arithmetic_family(
     shape, n = base.shape, base.numel()
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
+    if sparsification is None and not consensus:
+        total = sum(weight)
+        divisor = (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
+        coefficients = [lambda_ * w / divisor for w in weight]
+        return _sum_of_deltas(flat_base, flats, coefficients, out_dtype or compute).reshape(shape)
     chunks = sparsify.row_chunks(shape)
     row = n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
     cache: dict[int, torch.Tensor] = {}  # a tensor that is one chunk keeps its task vectors between passes
@@ -100,9 +105,10 @@ def task_arithmetic_family(
     def delta(i: int, s: slice) -> torch.Tensor:
         if i in cache:
             return cache[i]
-        x = flats[i][s]
-        # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
-        d = torch.sub(x, base_of(s)) if x.dtype == compute else x.to(compute).sub_(base_of(s))
+        x, b = flats[i][s], base_of(s)
+        d = torch.empty(s.stop - s.start, dtype=compute)
+        for u in sparsify.sub_slices(slice(0, s.stop - s.start)):
+            _delta_into(d[u], x[u], b[u])
         if single:
             cache[i] = d
         return d
@@ -126,45 +132,90 @@ def task_arithmetic_family(
         return sparsify.KEEP_ALL
 
     selections = [select(i) for i in range(len(tensors))]
-
-    total_weight = sum(weight)
-    out = torch.empty(n if not single else 0, dtype=out_dtype or compute)
+    # Each input contributes wᵢ·scaleᵢ·δᵢ (scale: the rescale of its selection).
+    contributions = [w * sel.scale for w, sel in zip(weight, selections)]
+    combine = _Combination(contributions, weight, consensus, normalize, lambda_)
+    out = torch.empty(n, dtype=out_dtype or compute)
+    sliceable = all(selection.sliceable for selection in selections)
     for s in chunks:
-        kept = []
-        for i, selection in enumerate(selections):
-            kept.append(selection.keep(s, delta(i, s)))
+        if not sliceable:  # random draws follow the chunks of the fitting pass: select whole chunks
+            kept = [selection.keep(s, delta(i, s)) for i, selection in enumerate(selections)]
+        for u in sparsify.sub_slices(s):
+            b = base_of(u) if whole_base is None else whole_base[u]
+            if sliceable:
+                local = [selection.keep(u, _delta_at(cache, i, u, flats, b)) for i, selection in enumerate(selections)]
+            else:
+                local = [k[u.start - s.start : u.stop - s.start] for k in kept]
+            out[u] = combine(local).add_(b)
         cache.clear()
-        # Each input contributes wᵢ·scaleᵢ·δᵢ (scale: the rescale of its selection).
-        contributions = [w * sel.scale for w, sel in zip(weight, selections)]
-        mixed = kept[0] * contributions[0]
-        for d, c in zip(kept[1:], contributions[1:]):
+    return out.reshape(shape)
+
+
+def _sum_of_deltas(base: torch.Tensor, flats: list[torch.Tensor], coefficients: list[float], out_dtype: torch.dtype) -> torch.Tensor:
+    """θ₀ + Σ aᵢ(θᵢ − θ₀) on cache-sized slices, without the selection machinery (plain task arithmetic).
+
+    Each task vector is formed exactly (θᵢ − θ₀ of nearby floats is exact in float32), so the result is
+    rounded once, like the general path."""
+    compute = _compute_dtype(base, *flats)
+    out = torch.empty(base.numel(), dtype=out_dtype)
+    for u in sparsify.sub_slices(slice(0, base.numel())):
+        b = base[u].to(compute)
+        total = flats[0][u].to(compute, copy=True).sub_(b).mul_(coefficients[0])
+        for x, a in zip(flats[1:], coefficients[1:]):
+            total.add_(x[u].to(compute, copy=True).sub_(b), alpha=a)
+        out[u] = total.add_(b)
+    return out
+
+
+def _delta_at(cache: dict[int, torch.Tensor], i: int, u: slice, flats: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Input i's task vector on the flat slice u (from the fitting pass's cache when it kept one)."""
+    if i in cache:
+        return cache[i][u]
+    return _delta_into(torch.empty_like(base), flats[i][u], base)
+
+
+def _delta_into(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
+    return torch.sub(x if x.dtype == base.dtype else x.to(base.dtype), base, out=out)
+
+
+class _Combination:
+    """λ · combine(cᵢ · keptᵢ) on one slice: a weighted sum, or TIES' sign election and disjoint mean.
+
+    Works in place on the kept task vectors it is given (they are temporaries of one slice)."""
+
+    def __init__(self, contributions: list[float], weight: list[float], consensus: bool, normalize: bool, lambda_: float):
+        self.contributions, self.weight = contributions, weight
+        self.consensus, self.normalize, self.lambda_ = consensus, normalize, lambda_
+        total = sum(weight)
+        self.total_weight = total if abs(total) >= 1e-8 else 1.0
+
+    def __call__(self, kept: list[torch.Tensor]) -> torch.Tensor:
+        mixed = kept[0] * self.contributions[0]
+        for d, c in zip(kept[1:], self.contributions[1:]):
             mixed.add_(d, alpha=c)
-        if consensus:
+        divisor: torch.Tensor | float = self.total_weight
+        if self.consensus:
             # Σ over agreeing inputs of cᵢδᵢ = e · Σ cᵢ·max(e·δᵢ, 0) for the elected sign e (cᵢ > 0 here).
             elected = sparsify.elected_sign(mixed)
             mixed.zero_()
             divisor = torch.zeros_like(mixed)
-            for d, c, w in zip(kept, contributions, weight):
+            for d, c, w in zip(kept, self.contributions, self.weight):
                 if c == 0:
                     continue
                 aligned = d.mul_(elected if c > 0 else -elected).clamp_(min=0)
                 mixed.add_(aligned, alpha=abs(c))
                 divisor.add_(aligned.sign_(), alpha=w)  # aligned ≥ 0, so its sign is the agreement 0/1
             mixed *= elected
-            if all(w > 0 for w in weight):  # a zero divisor then means nothing agreed and mixed is 0 there
+            if all(w > 0 for w in self.weight):  # a zero divisor then means nothing agreed and mixed is 0 there
                 divisor.clamp_(min=1e-30)
             else:
                 divisor.masked_fill_(divisor == 0, 1.0)
-        else:
-            divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
-        if normalize:
+        if self.normalize:
             mixed /= divisor
-        if lambda_ != 1:
-            mixed *= lambda_
-        if single:
-            return mixed.add_(base_of(s)).reshape(shape).to(out_dtype or compute)
-        out[s] = mixed.add_(base_of(s))
-    return out.reshape(shape)
+        if self.lambda_ != 1:
+            mixed *= self.lambda_
+        return mixed
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

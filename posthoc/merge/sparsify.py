@@ -4,8 +4,8 @@ Task vectors are processed in chunks of whole rows, so merging an embedding matr
 the inputs, the output and a few chunk-sized temporaries. Selections that depend on the whole tensor
 (the top-k magnitudes of TIES and breadcrumbs, the L1 norms of a rescale) are fitted first:
 
-- `TopK` finds the k largest magnitudes exactly without sorting. A histogram of the top 16 bits of the
-  float32 bit patterns (order-preserving for non-negative floats) locates the bucket that holds the k-th
+- `TopK` finds the k largest magnitudes exactly without sorting. A histogram of the magnitudes' bfloat16
+  bit patterns (order-preserving for non-negative floats) locates the bucket that holds the k-th
   largest value in one pass; a second pass collects that bucket's values only, and `kthvalue` on them
   gives the exact threshold. Among entries equal to the threshold the lower flat indices are kept, so
   exactly k entries survive whatever the chunking (ties are common: bf16 task vectors take few values).
@@ -15,16 +15,18 @@ the inputs, the output and a few chunk-sized temporaries. Selections that depend
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 20
 WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (their task vectors are kept between passes)
-_SHIFT = 16
-_BUCKETS = 1 << (31 - _SHIFT)  # non-negative float32 bit patterns (NaN included) have the top bit clear
+SLICE_ELEMENTS = 1 << 16  # the combining arithmetic runs on flat slices this size, so its temporaries stay in cache
+_BUCKETS = 1 << 15  # non-negative bfloat16 bit patterns (NaN included) have the top bit clear
 
 Chunks = Callable[[], Iterator[tuple[slice, torch.Tensor]]]  # a fresh pass: (flat slice, delta chunk)
 
@@ -41,16 +43,31 @@ def row_chunks(shape: torch.Size | tuple[int, ...], chunk_elements: int | None =
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def sub_slices(s: slice, size: int | None = None) -> list[slice]:
+    """`s` cut into consecutive flat slices of at most `size` entries (default SLICE_ELEMENTS).
+
+    Elementwise arithmetic on a few hundred kB at a time runs from the CPU cache: measured on one merged
+    tensor of 2.9 M entries, 2× faster than the same operations on the whole tensor."""
+    size = size or SLICE_ELEMENTS
+    return [slice(i, min(i + size, s.stop)) for i in range(s.start, s.stop, size)]
+
+
 def _magnitude(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().reshape(-1)
 
 
-def _buckets(magnitude: torch.Tensor) -> torch.Tensor:
-    """Histogram bucket of each magnitude (float64 magnitudes are bucketed by their float32 rounding, which
-    preserves order)."""
-    return magnitude.to(torch.float32).view(torch.int32) >> _SHIFT
+def _buckets(values: torch.Tensor) -> torch.Tensor:
+    """Histogram bucket of each value's magnitude: the bit pattern of its bfloat16 rounding without the sign
+    bit, read as an int16.
+
+    Rounding is monotone and symmetric, and the patterns of non-negative floats are ordered like their
+    values, so buckets are ordered like magnitudes (ties within a bucket are settled exactly in the second
+    pass). A cast and a mask, no abs: measured 2× faster than shifting float32 patterns of |δ|, and bincount
+    is faster on int16. (The vectorised cast turns NaN into 0xFFFF; the mask ranks it above Inf.)"""
+    return values.to(torch.bfloat16).view(torch.int16).bitwise_and_(0x7FFF)
 
 
+@functools.lru_cache(maxsize=64)
 def _just_below(value: float, dtype: torch.dtype) -> float:
     """The largest number of `dtype` below `value`: hardshrink(x, it) keeps |x| ≥ value."""
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
@@ -105,13 +122,12 @@ def fit_top_k(chunks: Chunks, selections: list[TopK], with_l1: bool = False) -> 
     cached: dict[int, torch.Tensor] = {}  # bucket keys of a tensor that is a single chunk
     n = selections[0].n if selections else 0
     for s, delta in chunks():
-        magnitude = _magnitude(delta)
-        keys = _buckets(magnitude)
+        keys = _buckets(delta.reshape(-1))
         counts += torch.bincount(keys, minlength=_BUCKETS)
+        if with_l1:
+            total += float(torch.linalg.vector_norm(delta, 1, dtype=torch.float64))
         if s.stop - s.start == n:  # the whole tensor: keep the keys for the second pass
             cached[s.start] = keys
-        if with_l1:
-            total += float(magnitude.sum(dtype=torch.float64))
     if not active:
         return total
     from_top = counts.flip(0).cumsum(0)
@@ -125,9 +141,10 @@ def fit_top_k(chunks: Chunks, selections: list[TopK], with_l1: bool = False) -> 
         flat = delta.reshape(-1)
         keys = cached.pop(s.start, None)
         if keys is None:
-            keys = _buckets(_magnitude(flat))
+            keys = _buckets(flat)
         for bucket, (positions, values) in found.items():
-            inside = torch.nonzero(keys == bucket).squeeze(1)
+            # numpy's flatnonzero: ~10× faster than torch.nonzero on CPU for scattered hits (measured)
+            inside = torch.from_numpy(np.flatnonzero(keys.numpy() == bucket))
             positions.append(inside + s.start)
             values.append(_magnitude(flat[inside]))
     for selection in active:
@@ -154,6 +171,7 @@ class Selection:
 
     keep: Callable[[slice, torch.Tensor], torch.Tensor]  # (flat slice, delta chunk) -> the kept delta
     scale: float = 1.0
+    sliceable: bool = True  # keep() may be called on any flat slice (False: only on the fitting pass's chunks)
 
 
 KEEP_ALL = Selection(lambda s, delta: delta)
@@ -253,7 +271,7 @@ def _with_replay(chunks: Chunks, mask, own: torch.Generator, rescale: bool) -> S
         keep = drawn.pop(s.start, None)
         return delta * (keep if keep is not None else mask(s, delta))
 
-    return Selection(kept, scale)
+    return Selection(kept, scale, sliceable=False)
 
 
 def elected_sign(weighted_sum: torch.Tensor) -> torch.Tensor:
@@ -262,4 +280,7 @@ def elected_sign(weighted_sum: torch.Tensor) -> torch.Tensor:
 
     (copysign gives −1 at −0.0, which only arises when every weighted delta is zero: nothing agrees there
     either way.)"""
-    return torch.copysign(torch.ones((), dtype=weighted_sum.dtype), weighted_sum)
+    return torch.copysign(_ONE.get(weighted_sum.dtype) or torch.ones((), dtype=weighted_sum.dtype), weighted_sum)
+
+
+_ONE = {dtype: torch.ones((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
