@@ -213,7 +213,9 @@ def merge(
             # Tensors are merged `jobs` at a time, each on its own share of the threads: reads, histograms and
             # writes are single-threaded, so whole tensors in parallel keep every core busy where
             # parallelism inside each operation leaves one idle.
-            futures = [pool.submit(merge_into, writer, name) for name in names]
+            # Largest first, so that no big tensor is left for the end while the other workers idle.
+            largest_first = sorted(names, key=lambda name: reference.tensors[name].nbytes, reverse=True)
+            futures = [pool.submit(merge_into, writer, name) for name in largest_first]
             with progress_bar(len(names), f"merge ({method.name})", "tensor", enabled=progress) as bar:
                 try:
                     for future in futures:
