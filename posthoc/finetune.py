@@ -355,18 +355,26 @@ class Objective(Protocol):
 
 
 class ClassificationObjective:
-    """Cross-entropy of a linear head over mean-pooled states (the head is built at `build` time)."""
+    """Cross-entropy of a linear head over mean-pooled states (the head is built at `build` time).
+
+    `head`: the head to start from (a copy trains; the given one is left as it is) instead of a random one,
+    e.g. a linear probe of the frozen base: LP-FT (Kumar et al. 2022), where the encoder then moves less and
+    only where the task needs it, since the first gradients no longer come from a random head.
+    """
 
     name = "classification"
     auto_class = "AutoModel"
 
-    def __init__(self, data: TextClassificationData):
+    def __init__(self, data: TextClassificationData, head: ClassificationHead | None = None):
         if len(data) == 0:
             raise DataError(f"{data.name}: no examples to fine-tune on")
         missing = [n for n, c in data.counts().items() if c == 0]
         if missing:
             raise DataError(f"{data.name}: class {missing[0]!r} has no training examples")
+        if head is not None and tuple(head.label_names) != tuple(data.label_names):
+            raise ConfigError(f"{data.name}: the initial head predicts {list(head.label_names)}, the data has {list(data.label_names)}")
         self.data = data
+        self.initial_head = head
         self.head: ClassificationHead | None = None
 
     def __len__(self) -> int:
@@ -374,6 +382,11 @@ class ClassificationObjective:
 
     def build(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         self.head = ClassificationHead(int(model.config.hidden_size), self.data.label_names)
+        if self.initial_head is not None:
+            if self.initial_head.linear.in_features != self.head.linear.in_features:
+                raise ConfigError(f"the initial head expects hidden size {self.initial_head.linear.in_features}, "
+                                  f"the model has {self.head.linear.in_features}")  # fmt: skip
+            self.head.linear.load_state_dict(self.initial_head.linear.state_dict())
         return self.head
 
     def loss(self, model: nn.Module, tokenizer: Any, indices: Sequence[int], max_length: int) -> torch.Tensor:
@@ -388,7 +401,8 @@ class ClassificationObjective:
         self.head.save(directory)
 
     def describe(self) -> dict[str, Any]:
-        return {"objective": self.name, "data": self.data.name, "examples": len(self.data), "classes": self.data.counts()}
+        return {"objective": self.name, "data": self.data.name, "examples": len(self.data), "classes": self.data.counts(),
+                "head_init": "random" if self.initial_head is None else "given"}  # fmt: skip
 
 
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {"classification": ClassificationObjective}

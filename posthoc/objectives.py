@@ -5,6 +5,10 @@
   LayerNorm, output tied to the encoder's input embeddings, plus a bias), trains it next to the encoder
   and saves it beside it (`mlm_head.safetensors`); like a task head, it is never part of a module.
 - `CausalLMObjective`: next-token loss on plain text, for decoder LMs (Llama, SmolLM2).
+- `TranslationAlignObjective`: "make monolingual sentence embeddings multilingual" (Reimers & Gurevych,
+  2020) on parallel text: the encoder being trained (the student), given a translation, is pulled to the
+  frozen base's (the teacher's) mean-pooled embedding of its source sentence. A language module trained so
+  maps its language onto the base's space for the pivot language (English), where a task module is trained.
 - `sparse_finetune`: LT-SFT (Ansell et al., 2022). Fine-tune fully, keep the `density` fraction of the
   trainable entries that moved most (|θ₁ − θ₀|, one threshold over all trainable tensors), reset to θ₀ and
   fine-tune only those entries. The output differs from the base in at most that many entries: a sparse
@@ -26,7 +30,7 @@ from torch import nn
 
 from posthoc.checkpoint import open_checkpoint
 from posthoc.errors import ConfigError, DataError
-from posthoc.finetune import FinetuneResult, FinetuneSettings, Objective, finetune
+from posthoc.finetune import Encoder, FinetuneResult, FinetuneSettings, Objective, finetune, mean_pool
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,73 @@ class CausalLMObjective:
 
     def describe(self) -> dict[str, Any]:
         return {"objective": self.name, "data": self.data_name, "examples": len(self.texts)}
+
+
+class TranslationAlignObjective:
+    """Mean squared distance between the student's embedding of a translation and the teacher's of its source.
+
+    texts[i] is a translation of pivots[i]. The teacher is the model as the first `build` receives it (the
+    base, before any step): the pivots' mean-pooled embeddings are computed there, in eval mode, truncated
+    at `max_length` (pass the fine-tune's own), and kept, so the target of every step is the base's
+    embedding of the source, shape (len(texts), hidden). Both phases of LT-SFT start from the same base:
+    give `sparse_finetune` the same objective twice and the teacher runs once. `pivot_weight` > 0 adds the same distance for the
+    student's embedding of the pivot itself (keeps the pivot language where it was; one more forward and
+    backward pass per step). No parameters of its own: nothing is saved beside the encoder.
+    """
+
+    name = "align"
+    auto_class = "AutoModel"
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        pivots: Sequence[str],
+        *,
+        max_length: int = 128,
+        pivot_weight: float = 0.0,
+        name: str = "text",
+    ):
+        if not texts:
+            raise DataError(f"{name}: no translated texts to align")
+        if len(texts) != len(pivots):
+            raise DataError(f"{name}: {len(texts)} translations but {len(pivots)} source texts; align needs pairs")
+        if not pivot_weight >= 0:
+            raise ConfigError(f"The 'pivot_weight' of align must be a float >= 0. Got {pivot_weight} instead.")
+        self.texts = list(texts)
+        self.pivots = list(pivots)
+        self.max_length = max_length
+        self.pivot_weight = float(pivot_weight)
+        self.data_name = name
+        self.targets: torch.Tensor | None = None  # (texts, hidden): the teacher's embeddings of the pivots
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def build(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        if self.targets is None:
+            teacher = Encoder(model, tokenizer)  # embed() runs it in eval mode, without gradients, and restores
+            self.targets = teacher.embed(self.pivots, max_length=self.max_length, threads=torch.get_num_threads())
+        return nn.Module()
+
+    def loss(self, model: nn.Module, tokenizer: Any, indices: Sequence[int], max_length: int) -> torch.Tensor:
+        target = self.targets[list(indices)]  # (batch, hidden)
+        loss = nn.functional.mse_loss(self._embed(model, tokenizer, [self.texts[i] for i in indices], max_length), target)
+        if self.pivot_weight > 0:
+            pivots = self._embed(model, tokenizer, [self.pivots[i] for i in indices], max_length)
+            loss = loss + self.pivot_weight * nn.functional.mse_loss(pivots, target)
+        return loss
+
+    @staticmethod
+    def _embed(model: nn.Module, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
+        batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])  # (batch, hidden)
+
+    def save(self, directory: Path) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"objective": self.name, "data": self.data_name, "examples": len(self.texts),
+                "pivot_weight": self.pivot_weight, "teacher_max_length": self.max_length}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ LT-SFT

@@ -118,6 +118,30 @@ def test_trainable_subset_leaves_other_tensors_exactly_as_in_the_base(tiny_base,
             assert torch.equal(base[name], ft[name]), name
 
 
+def test_training_starts_from_a_given_head_and_leaves_it_untouched(tiny_base, corpus_split, tmp_path):
+    from posthoc.finetune import ClassificationObjective
+
+    torch.manual_seed(3)
+    given = ClassificationHead(32, corpus_split.train.label_names)
+    before = {k: v.clone() for k, v in given.linear.state_dict().items()}
+    frozen = FinetuneSettings(steps=1, batch_size=8, max_length=32, encoder_lr=0.0, head_lr=0.0)
+    result = finetune(tiny_base, ClassificationObjective(corpus_split.train, head=given), tmp_path / "lr0",
+                      settings=frozen, threads=1, progress=False)  # fmt: skip
+    assert torch.equal(result.head.linear.weight, before["weight"]) and torch.equal(result.head.linear.bias, before["bias"])
+    assert result.record["head_init"] == "given"
+    trained = finetune(tiny_base, ClassificationObjective(corpus_split.train, head=given), tmp_path / "ft",
+                       settings=FAST, threads=1, progress=False)  # fmt: skip
+    assert not torch.equal(trained.head.linear.weight, before["weight"])  # the copy trained ...
+    assert all(torch.equal(given.linear.state_dict()[k], v) for k, v in before.items())  # ... the given head did not
+    with pytest.raises(ConfigError, match=r"the initial head predicts \['x', 'y'\]"):
+        ClassificationObjective(corpus_split.train, head=ClassificationHead(32, ["x", "y"]))
+    wrong_width = ClassificationHead(16, corpus_split.train.label_names)
+    with pytest.raises(ConfigError, match="the initial head expects hidden size 16, the model has 32"):
+        finetune(tiny_base, ClassificationObjective(corpus_split.train, head=wrong_width), tmp_path / "bad",
+                 settings=frozen, threads=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
 def test_finetune_refuses_an_existing_output_without_force(tiny_base, corpus_split, tuned):
     from posthoc.errors import OutputError
 

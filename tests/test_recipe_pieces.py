@@ -15,7 +15,13 @@ from tiny_text import CLASS_WORDS, make_tiny_bert, synthetic_corpus
 from posthoc.checkpoint import open_checkpoint
 from posthoc.errors import ConfigError, DataError
 from posthoc.finetune import FinetuneSettings, finetune
-from posthoc.objectives import CausalLMObjective, MaskedLMObjective, sparse_finetune, top_change_masks
+from posthoc.objectives import (
+    CausalLMObjective,
+    MaskedLMObjective,
+    TranslationAlignObjective,
+    sparse_finetune,
+    top_change_masks,
+)
 from posthoc.recipes import messages
 from posthoc.recipes.e5s1 import _char_class, dequantize_q4_0
 
@@ -64,6 +70,71 @@ def test_masked_lm_on_the_corpus_vocabulary_is_the_full_head_restricted_to_its_p
     assert torch.isfinite(loss) and loss.item() < np.log(len(expected)) + 2
     with pytest.raises(ConfigError, match="'vocabulary' of masked_lm must be 'full' or 'corpus'"):
         MaskedLMObjective(texts, vocabulary="some")
+
+
+def _translate(text: str) -> str:
+    """A made-up second language: every class's words swapped for the next class's (alphaone -> betaone)."""
+    names = list(CLASS_WORDS)
+    out = []
+    for word in text.split():
+        name = next((n for n in names if word.startswith(n)), None)
+        out.append(word if name is None else names[(names.index(name) + 1) % len(names)] + word[len(name) :])
+    return " ".join(out)
+
+
+def test_align_pulls_translations_onto_the_base_embeddings_of_their_sources(tiny_base, tmp_path):
+    from transformers import AutoModel
+
+    from posthoc.finetune import Encoder
+
+    pivots = list(synthetic_corpus(per_class=8).texts)
+    texts = [_translate(t) for t in pivots]
+    objective = TranslationAlignObjective(texts, pivots, max_length=32)
+    settings = FinetuneSettings(steps=40, batch_size=8, max_length=32, encoder_lr=3e-3)
+    result = finetune(tiny_base, objective, tmp_path / "align", settings=settings, threads=1, progress=False)
+    base = Encoder.load(tiny_base)
+    teacher = base.embed(pivots, max_length=32)
+    torch.testing.assert_close(objective.targets, teacher)  # the base's embeddings of the sources, computed once
+    before = torch.nn.functional.mse_loss(base.embed(texts, max_length=32), teacher).item()
+    after = torch.nn.functional.mse_loss(Encoder.load(tmp_path / "align").embed(texts, max_length=32), teacher).item()
+    assert after < 0.5 * before, (before, after)
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    assert result.record["objective"] == "align"
+    assert sorted(p.name for p in (tmp_path / "align").iterdir() if "head" in p.name) == []  # nothing beside it
+    AutoModel.from_pretrained(tmp_path / "align")
+    with pytest.raises(DataError, match="3 translations but 2 source texts"):
+        TranslationAlignObjective(texts[:3], pivots[:2])
+    with pytest.raises(ConfigError, match="The 'pivot_weight' of align must be a float >= 0. Got -1"):
+        TranslationAlignObjective(texts, pivots, pivot_weight=-1)
+
+
+def test_align_step_trains_a_sparse_module_on_parallel_text_and_refuses_text_without_the_pivot(tiny_base, tmp_path):
+    import textwrap
+
+    from posthoc.recipes import run_recipe
+    from posthoc.recipes.datasets import write_dataset
+
+    pivots = list(synthetic_corpus(per_class=4).texts)
+    work = tmp_path / "work"
+    write_dataset(work / "data/pairs.json", [{"split": "train", "label": None, "text": {"en": t, "xx": _translate(t)}}
+                                             for t in pivots], name="pairs", languages=["en", "xx"])  # fmt: skip
+    write_dataset(work / "data/plain.json", [{"split": "train", "label": None, "text": t} for t in pivots], name="plain")
+    (tmp_path / "r.yaml").write_text(textwrap.dedent("""
+        variables: {base: base, data: data/pairs.json}
+        steps:
+          - {name: adapt, step: finetune, base: "${base}", data: "${data}", objective: align, language: xx, pivot: en,
+             steps: 3, batch_size: 4, max_length: 32, encoder_lr: 1.0e-3, trainable: ['^encoder\\.layer\\.'],
+             sparse_density: 0.1, out: finetune/xx}
+    """))
+    with pytest.raises(ConfigError, match=r"align needs parallel text in `language` \('xx'\) and `pivot` \('en'\)"):
+        run_recipe(tmp_path / "r.yaml", work, overrides={"base": str(tiny_base), "data": str(work / "data/plain.json")}, threads=1)
+    assert not (work / "finetune").exists()
+    run_recipe(tmp_path / "r.yaml", work, overrides={"base": str(tiny_base)}, threads=1)
+    base, tuned = _tensors(tiny_base), _tensors(work / "finetune/xx")
+    layer_entries = sum(t.numel() for n, t in base.items() if n.startswith(LAYERS))
+    changed = {n: int((tuned[n] != base[n]).sum()) for n in base}
+    assert 0 < sum(changed.values()) <= int(0.1 * layer_entries)
+    assert all(c == 0 for n, c in changed.items() if not n.startswith(LAYERS))
 
 
 def test_sparse_finetune_changes_exactly_the_top_entries_of_the_chosen_parameters(tiny_base, tmp_path):
@@ -253,3 +324,33 @@ def test_split_step_runs_the_analysers_on_a_recipe_data_file(tiny_base, tmp_path
     AutoModel.from_pretrained(work / "split/moe")  # the dense model, neurons in expert order
     assert (work / "split/cluster/report.html").is_file()
     assert result.outcome("cluster").summary["clusters"] >= 4
+
+
+def test_finetune_step_with_head_init_probe_starts_from_a_probe_of_the_frozen_base(tiny_base, tmp_path):
+    """LP-FT: with both learning rates 0 the written head is exactly the probe, computed here independently."""
+    import textwrap
+
+    from posthoc.finetune import ClassificationHead, Encoder, linear_probe
+    from posthoc.recipes import run_recipe
+    from posthoc.recipes.datasets import write_dataset
+    from posthoc.recipes.spec import RecipeError
+
+    corpus = synthetic_corpus(per_class=6)
+    work = tmp_path / "work"
+    write_dataset(work / "data/words.json", [{"split": "train", "label": y, "text": t} for t, y in zip(corpus.texts, corpus.labels)],
+                  name="words", label_names=corpus.label_names)  # fmt: skip
+    (tmp_path / "r.yaml").write_text(textwrap.dedent("""
+        variables: {base: base, init: probe}
+        steps:
+          - {name: ft, step: finetune, base: "${base}", data: data/words.json, head_init: "${init}", steps: 1,
+             batch_size: 4, max_length: 16, encoder_lr: 0.0, head_lr: 0.0, out: finetune/words}
+    """))
+    with pytest.raises(RecipeError, match=r"The 'head_init' key of a finetune step must be one of 'random', 'probe'"):
+        run_recipe(tmp_path / "r.yaml", work, overrides={"base": str(tiny_base), "init": "probes"})
+    run_recipe(tmp_path / "r.yaml", work, overrides={"base": str(tiny_base)}, threads=1)
+    embeddings = Encoder.load(tiny_base).embed(corpus.texts, max_length=16, threads=1)
+    probe = linear_probe(embeddings, corpus.labels, corpus.label_names, seed=0)
+    head = ClassificationHead.load(work / "finetune/words")
+    assert torch.allclose(head.linear.weight, probe.linear.weight, atol=1e-6)
+    assert torch.allclose(head.linear.bias, probe.linear.bias, atol=1e-6)
+    assert head.accuracy(embeddings, corpus.labels) == probe.accuracy(embeddings, corpus.labels)

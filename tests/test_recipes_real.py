@@ -64,27 +64,32 @@ def test_cross_lingual_reduced(tmp_path):
     _needs_catalogs(["de"], ["postgres-15", "git", "gtk20-properties", "gnupg2", "coreutils"])
     from transformers import AutoModel
 
+    from posthoc.recipes.datasets import read_dataset
+
     result = run_recipe("cross_lingual", tmp_path, profile="reduced", threads=2)
     check = json.loads((tmp_path / "base/engine_check.json").read_text())
     assert check["cosine_min"] >= 0.999 and check["token_counts_equal"] == check["texts"]
-    for lang in ("en", "de"):
-        manifest = json.loads((tmp_path / f"modules/lang-{lang}/module.json").read_text())
+    text = read_dataset(tmp_path / "data/text-de.json")
+    assert text.languages == ("en", "de") and len(text.texts("train", "de")) == 16  # parallel: de with its English
+    for name in ("lang-de", "task"):
+        manifest = json.loads((tmp_path / f"modules/{name}/module.json").read_text())
         assert manifest["kind"] == "sparse"
-        assert all(name.startswith("encoder.layer.") for name in manifest["tensors"])  # embeddings untouched
+        assert all(n.startswith("encoder.layer.") for n in manifest["tensors"])  # embeddings untouched
+    record = json.loads((tmp_path / "finetune/lang-de/posthoc_finetune.json").read_text())
+    assert record["objective"] == "align"
     # task+de = base + φ_de + φ_task, entry by entry, on a tensor both modules change.
     with (
         open_checkpoint(tmp_path / "base") as base,
         open_checkpoint(tmp_path / "stacked/task+de") as stacked,
         open_checkpoint(tmp_path / "finetune/lang-de") as lang,
         open_checkpoint(tmp_path / "finetune/task") as task,
-        open_checkpoint(tmp_path / "stacked/lang-en") as task_base,
     ):
         name = "encoder.layer.0.attention.self.query.weight"
-        expected = base.read(name) + (lang.read(name) - base.read(name)) + (task.read(name) - task_base.read(name))
+        expected = base.read(name) + (lang.read(name) - base.read(name)) + (task.read(name) - base.read(name))
         assert torch.allclose(stacked.read(name), expected, atol=1e-6)
     AutoModel.from_pretrained(tmp_path / "stacked/task+de")
     rows = result.outcome("evaluate").summary["accuracy"]
-    assert set(rows["+ target-language module"]) == {"en", "de"}
+    assert set(rows["task module alone"]) == {"en", "de"} and set(rows["+ target-language module"]) == {"de"}
 
 
 def test_cross_modal_reduced(tmp_path):

@@ -101,16 +101,23 @@ def data_text(
     max_texts: int | None = None,
     min_words: int = 4,
     seed: int = 0,
+    pivot: str | None = None,
 ) -> dict[str, Any]:
-    """Unlabelled text of one language: its messages from every catalog except `exclude_domains`."""
+    """Unlabelled text of one language: its messages from every catalog except `exclude_domains`.
+
+    `pivot` (e.g. en): each text comes with the same message in the pivot language (parallel text, what the
+    `align` objective trains on); the texts chosen are the same as without it.
+    """
     from posthoc.recipes.messages import load_messages
 
-    messages = load_messages([language], exclude_domains=exclude_domains, min_words=min_words)
-    texts = sorted((m.translations[language] for m in messages), key=lambda t: hash_split(t, 0, 0, seed))
-    texts = texts[:max_texts] if max_texts else texts
-    examples = [{"split": "train", "label": None, "text": t} for t in texts]
-    write_dataset(out, examples, name=f"messages-{language}", languages=None,
-                  provenance={"language": language, "excluded": exclude_domains})  # fmt: skip
+    pair = [pivot, language] if pivot and pivot != language else None
+    messages = load_messages(pair or [language], exclude_domains=exclude_domains, min_words=min_words)
+    chosen = sorted(messages, key=lambda m: hash_split(m.translations[language], 0, 0, seed))
+    chosen = chosen[:max_texts] if max_texts else chosen
+    text = (lambda m: {k: m.translations[k] for k in pair}) if pair else (lambda m: m.translations[language])
+    examples = [{"split": "train", "label": None, "text": text(m)} for m in chosen]
+    write_dataset(out, examples, name=f"messages-{language}", languages=pair,
+                  provenance={"language": language, "pivot": pivot, "excluded": exclude_domains})  # fmt: skip
     return {"texts": len(examples)}
 
 
@@ -208,7 +215,7 @@ def finetune_step(
     base: Path,
     data: Path,
     out: Path,
-    objective: Literal["classification", "masked_lm", "causal_lm"] = "classification",
+    objective: Literal["classification", "masked_lm", "causal_lm", "align"] = "classification",
     language: str | None = None,
     per_class: int | None = None,
     max_texts: int | None = None,
@@ -222,15 +229,27 @@ def finetune_step(
     sparse_density: float | None = None,
     sparse_steps: int | None = None,
     mlm_vocabulary: Literal["full", "corpus"] = "full",
+    head_init: Literal["random", "probe"] = "random",
+    pivot: str = "en",
+    pivot_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """Fine-tune `base` on the train split of `data` (classification head, masked-LM or causal-LM loss).
+    """Fine-tune `base` on the train split of `data` (classification head, masked-LM or causal-LM loss, or
+    `align`: the `language` texts of parallel data pulled to the base's embeddings of their `pivot` texts).
 
     `trainable`: regular expressions; only parameters whose name matches one of them train (default all).
     `sparse_density`: LT-SFT — a full fine-tune picks the top-density changed entries, which alone train.
     `mlm_vocabulary`: masked_lm scores the whole vocabulary, or only the pieces of the texts ("corpus").
+    `head_init: probe` (classification): LP-FT — the head starts as a linear probe of the frozen base (trained
+    to convergence on its embeddings of the same training examples), then encoder and head fine-tune together.
+    `pivot_weight` (align): weight of keeping the student's own embedding of the pivot text where it was.
     """
     from posthoc.finetune import ClassificationObjective, FinetuneSettings, finetune
-    from posthoc.objectives import CausalLMObjective, MaskedLMObjective, sparse_finetune
+    from posthoc.objectives import (
+        CausalLMObjective,
+        MaskedLMObjective,
+        TranslationAlignObjective,
+        sparse_finetune,
+    )
 
     dataset = read_dataset(data)
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, max_length=max_length, encoder_lr=encoder_lr,
@@ -238,9 +257,27 @@ def finetune_step(
     patterns = [re.compile(p) for p in trainable or []]
     select = (lambda name: any(p.search(name) for p in patterns)) if patterns else None
 
+    if objective == "align" and (language is None or language == pivot or not {language, pivot} <= set(dataset.languages or ())):
+        raise ConfigError(
+            f"{data}: objective align needs parallel text in `language` ({language!r}) and `pivot` ({pivot!r}), two "
+            f"different languages (a data_text step with `pivot: {pivot}`); the data has {list(dataset.languages or []) or 'one language'}"
+        )
+
+    align: TranslationAlignObjective | None = None  # one for both LT-SFT phases: the teacher embeds once
+
     def make_objective() -> Any:
+        nonlocal align
         if objective == "classification":
-            return ClassificationObjective(dataset.classification("train", language, per_class))
+            train = dataset.classification("train", language, per_class)
+            head = _probe_head(base, train, max_length, seed, ctx) if head_init == "probe" else None
+            return ClassificationObjective(train, head=head)
+        if objective == "align":
+            if align is None:
+                texts, pivots = dataset.texts("train", language), dataset.texts("train", pivot)
+                align = TranslationAlignObjective(texts[: max_texts or None], pivots[: max_texts or None],
+                                                  max_length=max_length, pivot_weight=pivot_weight,
+                                                  name=f"{dataset.name}/{language}<-{pivot}")  # fmt: skip
+            return align
         texts = dataset.texts("train", language)[: max_texts or None]
         if objective == "masked_lm":
             return MaskedLMObjective(texts, seed=seed, name=dataset.name, vocabulary=mlm_vocabulary)
@@ -282,6 +319,14 @@ def probe_step(
         shutil.rmtree(out)
     os.replace(staging, out)
     return {"examples": len(train)}
+
+
+def _probe_head(base: Path, train: Any, max_length: int, seed: int, ctx: StepContext) -> Any:
+    """LP-FT's first phase: a linear probe of the frozen base on the training examples (posthoc.finetune)."""
+    from posthoc.finetune import Encoder, linear_probe
+
+    embeddings = Encoder.load(base).embed(train.texts, max_length=max_length, threads=ctx.threads, progress=ctx.progress)
+    return linear_probe(embeddings, train.labels, train.label_names, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------- merge
