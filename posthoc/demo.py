@@ -75,8 +75,9 @@ def extra_steps() -> list[tuple[str, DemoStep]]:
     from posthoc.analyse.cluster_demo import demo_step as cluster_step
     from posthoc.analyse.moe_demo import demo_step as moe_step
     from posthoc.modules.demo_step import demo_step as modules_step
+    from posthoc.recipes.soup import demo_task_soup
 
-    return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", cluster_step)]
+    return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", cluster_step), ("task soup", demo_task_soup)]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class DemoSettings:
     test_per_class: int | None = None  # None: the whole test split
     probe_steps: int = 500
     eval_batch_size: int = 64
+    task_soup_profile: str = "demo"  # the profile of the bundled task_soup recipe that ends the demo
 
     def __post_init__(self) -> None:
         if len(self.tasks) != 2:

@@ -25,6 +25,7 @@ TINY = DemoSettings(
     ties_lambdas=(1.0,),
     validation_per_class=None,
     probe_steps=200,
+    task_soup_profile="reduced",  # the recipe's smoke setting, on the tiny base
 )
 
 
@@ -61,7 +62,7 @@ def test_demo_rows_table_and_results_file(first_run):
     assert result.row("fine-tune A").accuracy["A"] > 0.7 and result.row("fine-tune B").accuracy["B"] > 0.8
     table, *later = printed
     assert table.split("time:")[0] == result.table().split("time:")[0]  # timings grow with the later steps
-    assert later == ["\n" + block for block in result.extra.values()] and list(result.extra) == ["modules", "MoE-fication", "clusters"]
+    assert later == ["\n" + block for block in result.extra.values()] and list(result.extra) == ["modules", "MoE-fication", "clusters", "task soup"]
     flat = " ".join(table.split())
     assert "has no head of its own" in flat and "linear probe" in flat and "picked on validation" in flat
     assert read_record(work / "finetune-A")["name"] == "A"
@@ -191,6 +192,7 @@ def test_demo_on_minilm_and_bbc_news(tmp_path):
         validation_per_class=8,
         test_per_class=16,
         probe_steps=200,
+        task_soup_profile="reduced",  # `make demo` runs the demo profile; the test suite its smoke setting
     )
     result = run_demo(tmp_path, settings=settings, progress=False, echo=None)
     a, b = result.row("fine-tune A"), result.row("fine-tune B")
@@ -204,5 +206,5 @@ def test_demo_on_minilm_and_bbc_news(tmp_path):
     base_names = list(open_checkpoint(result.rows[0].encoder).tensors)
     assert list(open_checkpoint(tmp_path / "finetune-A").tensors) == base_names
     # The later steps ran on the real encoder and printed their tables.
-    assert list(result.extra) == ["modules", "MoE-fication", "clusters"]
+    assert list(result.extra) == ["modules", "MoE-fication", "clusters", "task soup"]
     assert all(len(block.splitlines()) >= 3 for block in result.extra.values())

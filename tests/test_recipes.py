@@ -36,6 +36,12 @@ if "test_copy" not in STEP_KINDS:
             raise ZeroDivisionError("division by zero")
         raise DataError(f"{source.name}: cannot use this")
 
+    @step_kind("test_concat", inputs=("sources",), outputs=("out",))
+    def _concat(ctx, *, sources: dict, out: Path) -> dict:
+        """Concatenate a table of files (a nested path value, like evaluate's encoders)."""
+        out.write_text("".join(Path(path).read_text() for path in sources.values()))
+        return {}
+
 
 def write_recipe(tmp_path: Path, body: str, name: str = "r.yaml") -> Path:
     path = tmp_path / name
@@ -181,6 +187,25 @@ def test_paths_from_the_command_line_may_leave_the_work_dir(tmp_path):
     written = write_recipe(tmp_path, f"steps:\n  - {{step: test_copy, source: {outside}, out: out.txt}}\n", "w.yaml")
     with pytest.raises(RecipeError, match="is an absolute path"):
         load_recipe(written, tmp_path / "w2")
+
+
+def test_nested_paths_from_the_command_line_may_leave_the_work_dir(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "a.txt").write_text("A")
+    (tmp_path / "secret.txt").write_text("S")
+    body = """
+        variables: {src: somewhere}
+        steps:
+          - {step: test_concat, sources: {first: "${src}", again: "${src}/../elsewhere/a.txt"}, out: out.txt}
+    """
+    recipe = write_recipe(tmp_path, body.replace("${src}\"", "${src}/a.txt\""))
+    result = run_recipe(recipe, tmp_path / "w", overrides={"src": str(outside)})
+    assert (result.work_dir / "out.txt").read_text() == "AA"
+    # A nested value that climbs out of the folder given on the command line is the recipe's, and refused.
+    climbing = write_recipe(tmp_path, body.replace("${src}\"", "${src}/../secret.txt\""), "climb.yaml")
+    with pytest.raises(RecipeError, match="secret.txt' is an absolute path"):
+        load_recipe(climbing, tmp_path / "w2", overrides={"src": str(outside)})
 
 
 def test_unknown_variable_or_profile_lists_the_valid_ones(tmp_path):

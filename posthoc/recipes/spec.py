@@ -238,7 +238,7 @@ def _expand(
         scope = {**variables, **dict(zip(loops, combination))}
         suffix = "".join(f"-{v}" for v in combination)
         spec = StepSpec(base_name + suffix, kind, substitute(params, scope, step_where))
-        spec.params["__cli__"] = {k for k in from_cli}  # which variables were given on the command line
+        spec.params["__cli__"] = {k: variables.get(k) for k in from_cli}  # the variables given on the command line
         spec.params["__raw__"] = params
         yield spec
 
@@ -252,13 +252,19 @@ def _resolve_paths(spec: StepSpec, kind: Any, work_dir: Path, from_cli: set[str]
     where = f"{where}: step {spec.name!r}"
     kind.check(spec.params, where)
     resolved = dict(spec.params)
+    cli_paths = [
+        Path(v).expanduser().resolve() for v in cli.values() if isinstance(v, str) and v and not v.startswith(ASSET_PREFIX)
+    ]
     for key, role in kind.paths.items():
         if key not in spec.params or spec.params[key] is None:
             continue
-        trusted = _from_command_line(raw.get(key), cli)
+        trusted = _from_command_line(raw.get(key), set(cli))
 
         def convert(value: str, key: str = key, trusted: bool = trusted) -> Path:
-            return resolve_path(value, work_dir, trusted, f"{where}: {key}")
+            # A leaf inside a nested value (e.g. an `encoders` table) is the user's own when it is, or lies
+            # inside, a path given on the command line.
+            own = trusted or _under_any(value, cli_paths)
+            return resolve_path(value, work_dir, own, f"{where}: {key}")
 
         resolved[key] = _map_strings(spec.params[key], kind.path_leaves(key), convert)
         found = _collect_paths(resolved[key])
@@ -320,6 +326,13 @@ def _collect_paths(value: Any) -> list[Path]:
     if isinstance(value, dict):
         return [p for v in value.values() for p in _collect_paths(v)]
     return []
+
+
+def _under_any(value: Any, parents: list[Path]) -> bool:
+    if not isinstance(value, str) or not value or not parents or not Path(value).expanduser().is_absolute():
+        return False
+    path = Path(value).expanduser().resolve()
+    return any(path == parent or _inside(path, parent) for parent in parents)
 
 
 def _inside(path: Path, parent: Path) -> bool:
