@@ -2,6 +2,8 @@
 
     python benchmarks/moe_levers.py minilm --configs kmeans,random,coactivation   # fit + score, appended
     python benchmarks/moe_levers.py smollm2 --configs base50,oracle50
+    python benchmarks/moe_levers.py minilm --configs heal_ffn_800                 # the best healing measured
+    python benchmarks/moe_levers.py minilm --name try --params '{"heal_steps": 50}'  # any other configuration
     python benchmarks/moe_levers.py minilm --table                               # markdown of what ran
 
 One pass of calibration text is collected per model and cached (benchmarks/.work/moe/<model>_acts.*),
@@ -10,7 +12,7 @@ BBC topic probe trained on dense embeddings of the calibration texts, or the den
 too. Results are appended, one JSON line per (configuration, router), to benchmarks/.work/moe/<model>.jsonl.
 
 Held-out text is never calibration text: calibration bbc:train, evaluation bbc:test (the seeded
-stratified split posthoc uses everywhere). Threads: 2.
+stratified split posthoc uses everywhere). Threads: 1.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from posthoc.analyse.activations import Activations, ActiveCounts, CoActivation,
 from posthoc.analyse.calibration import load_calibration
 from posthoc.analyse.evaluate import load_model
 from posthoc.analyse.moe import MoEfier
-from posthoc.analyse.moe_eval import Scorer, active_fraction, moe_installed, per_neuron_oracle
+from posthoc.analyse.moe_eval import (
+    Scorer,
+    active_fraction,
+    measured_fraction,
+    moe_installed,
+    per_neuron_oracle,
+)
 from posthoc.assets import minilm_dir, smollm2_gguf
 
 WORK = Path(__file__).parent / ".work" / "moe"
@@ -59,6 +67,20 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
         "layerheal": ({"lora_rank": 64, "layer_heal_epochs": 10}, ("mlp",)),
         "heal": ({"heal_steps": 200, "heal_lr": 1e-3}, ("mlp",)),
         "heal_lora": ({"lora_rank": 64, "layer_heal_epochs": 10, "heal_steps": 200, "heal_lr": 1e-3}, ("mlp",)),
+        # healing that also trains compensation, FFN biases and the experts' matrices, with per-layer
+        # hidden-state loss: 300 / 450 / 800 steps (the last ~12.6 CPU-minutes of healing, all train texts)
+        "heal_ffn_300": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 5, "heal_steps": 300,
+                          "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 100_000, "heal_lr": 2e-3,
+                          "heal_ffn_lr": 1e-4}, ("mlp",)),
+        "heal_ffn_450": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 5, "heal_steps": 450,
+                          "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 100_000, "heal_lr": 3e-3,
+                          "heal_ffn_lr": 3e-4}, ("mlp",)),
+        "heal_noffn_450": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 5, "heal_steps": 450,
+                            "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 100_000, "heal_lr": 3e-3},
+                           ("mlp",)),  # heal_ffn_450 with the experts' matrices frozen
+        "heal_ffn_800": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 5, "heal_steps": 800,
+                          "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 200_000, "heal_lr": 3e-3,
+                          "heal_ffn_lr": 3e-4}, ("mlp",)),
     },
     "smollm2": {
         "base50": ({"experts": 16, "top_k": 8}, ALL),
@@ -69,6 +91,9 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
                         ("mlp",)),
         "heal50": ({"experts": 64, "top_k": 32, "score": "output", "lora_rank": 32, "layer_heal_epochs": 5,
                     "heal_steps": 100, "heal_lr": 1e-3}, ("mlp",)),
+        "heal50_budget": ({"experts": 64, "top_k": 32, "score": "output", "compensation": True, "lora_rank": 32,
+                           "layer_heal_epochs": 0, "heal_steps": 40, "heal_hidden": 1.0, "heal_lr": 3e-3,
+                           "heal_ffn_lr": 3e-4}, ("mlp",)),
     },
 }
 NEURON_ORACLE = {"minilm": (0.25, 0.5), "smollm2": (0.5, 0.25)}
@@ -105,8 +130,9 @@ def record(name: str, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def run(name: str, configs: list[str]) -> None:
-    torch.set_num_threads(2)
+def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tuple[str, ...]]] | None = None) -> None:
+    extra = extra or {}
+    torch.set_num_threads(1)  # 2 shared cores: one thread per experiment
     model, tok, calib, acts, scorer, setting = prepare(name)
     print(f"dense: {scorer.dense}", flush=True)
     for config in configs:
@@ -118,10 +144,10 @@ def run(name: str, configs: list[str]) -> None:
             record(name, {"config": config, "router": "per-neuron oracle", "neurons": fraction, **scores,
                           "eval_s": round(time.perf_counter() - started, 1)})
             continue
-        params, routers = CONFIGS[name][config]
+        params, routers = CONFIGS[name][config] if config in CONFIGS[name] else extra[config]
         settings = {"max_tokens": setting["max_tokens"], "router_tokens": setting["router_tokens"],
                     "max_length": setting["max_length"], "heal_batch_size": 8 if name == "minilm" else 4,
-                    "progress": False, **params}
+                    "progress": False, "threads": 1, **params}
         moe = MoEfier(**settings).fit(model, calib, tokenizer=tok, activations=acts)
         fit_s = time.perf_counter() - started
         for router in routers:
@@ -134,9 +160,10 @@ def run(name: str, configs: list[str]) -> None:
                 with moe_installed(moe, model, router=router, top_k=None if fitted else moe.top_k,
                                    healed=healed) as layers:
                     scores = scorer.score()
-                    neurons = active_fraction(layers)
+                    neurons, measured = active_fraction(layers), measured_fraction(layers)
                 record(name, {"config": config, "router": router, "healed": healed, "params": params,
-                              "neurons": round(neurons, 4), **scores, "top_k_per_layer": moe.top_k_,
+                              "neurons": round(neurons, 4), "neurons_measured": measured and round(measured, 4),
+                              **scores, "top_k_per_layer": moe.top_k_,
                               "recall": [r.get(router) for r in moe.recall_], "fit_s": round(fit_s, 1),
                               "timings": {k: round(v, 1) for k, v in moe.timings_.items()},
                               "heal": {k: v for k, v in (moe.heal_log_ or {}).items() if k != "losses"},
@@ -160,9 +187,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--configs", default="", help="comma-separated names (see CONFIGS) or neuronsNN")
+    parser.add_argument("--params", help="JSON MoEfier parameters of one more configuration, run with the MLP "
+                                         "router and recorded under --name (e.g. '{\"heal_steps\": 50}')")
+    parser.add_argument("--name", default="custom", help="name of the --params configuration")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
         print(table(args.model))
     else:
-        run(args.model, [c for c in args.configs.split(",") if c])
+        extra = {args.name: (json.loads(args.params), ("mlp",))} if args.params else {}
+        run(args.model, [c for c in args.configs.split(",") if c] + list(extra), extra)

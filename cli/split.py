@@ -36,7 +36,7 @@ def analyser_options(table: ParamTable, names: Sequence[str]) -> Callable[[Calla
                 option = click.option(flag, name, type=click.Choice(p.choices), default=p.default,
                                       show_default=True, help=p.help)
             else:
-                kind = type(p.default) if p.default is not None else (int if name in ("router_hidden", "threads") else str)
+                kind = type(p.default) if p.default is not None else (int if name in ("router_hidden", "threads", "heal_tokens") else str)
                 option = click.option(flag, name, type=kind, default=p.default, show_default=p.default is not None,
                                       help=p.help)
             fn = option(fn)
@@ -53,7 +53,8 @@ def _moe_table() -> ParamTable:
 
 MOE_OPTIONS = (
     "experts", "top_k", "partition", "router", "shared", "score", "routing", "layer_budget", "compensation",
-    "layer_heal_epochs", "heal_steps", "heal_lr", "lora_rank", "heal_batch_size", "max_tokens", "router_tokens", "router_epochs", "kmeans_rows",
+    "layer_heal_epochs", "heal_steps", "heal_lr", "lora_rank", "heal_batch_size", "heal_tokens", "heal_hidden",
+    "heal_biases", "heal_ffn_lr", "max_tokens", "router_tokens", "router_epochs", "kmeans_rows",
     "coactivation_fraction", "max_length", "batch_size", "seed", "ffn_modules", "threads",
 )
 

@@ -186,6 +186,46 @@ def test_named_ffns_of_an_unknown_model(models, tmp_path):
 # ------------------------------------------------------------------------------------------ levers
 
 
+def test_greedy_budget_compares_layers_on_relative_output_errors(models, fitted):
+    from posthoc.analyse.moe import output_errors
+
+    moe = fitted("llama", partition="kmeans", router="mlp")
+    model, _, _ = load_model(models["llama"])
+    layer = moe.build_layer(model, 0, permuted=False)
+    x = moe.speed_inputs_[:256]
+    errors = output_errors(layer, x)
+    with torch.no_grad():
+        dense = layer.hidden_all(x) @ layer.down_t
+        top = layer.router_scores(x).topk(1, dim=1).indices[:, 0]
+        one = torch.stack([layer.hidden_all(x[t : t + 1])[0, lo:hi] @ layer.down_t[lo:hi]
+                           for t, (lo, hi) in enumerate((layer.offsets[e], layer.offsets[e + 1]) for e in top.tolist())])
+        expected = (one - dense).square().sum(-1).mean() / dense.square().sum(-1).mean()
+        torch.testing.assert_close(errors[0], expected, rtol=1e-4, atol=1e-6)
+        assert float(errors[-1]) < 1e-6  # every expert: the dense output
+        layer.down_t.mul_(10)  # a layer ten times louder loses the same share of its output
+        torch.testing.assert_close(output_errors(layer, x), errors, rtol=1e-4, atol=1e-6)
+
+
+def test_measured_fraction_counts_the_experts_computed(models, fitted):
+    from posthoc.analyse.moe_eval import active_fraction, measured_fraction
+
+    moe = fitted("llama", partition="kmeans", router="mlp")
+    model, _, _ = load_model(models["llama"])
+    x = moe.speed_inputs_[:200]
+    layer = moe.build_layer(model, 0, permuted=False)
+    assert measured_fraction([layer]) is None
+    with torch.no_grad():
+        layer(x)
+    assert measured_fraction([layer]) == pytest.approx(active_fraction([layer]))  # top-k: k experts per token
+    layer = moe.build_layer(model, 0, permuted=False)
+    layer.set_routing(routing="threshold", threshold=0.5)
+    with torch.no_grad():
+        layer(x)
+        layer(x[:50])
+        pairs = len(layer.select(layer.router_scores(x))[0]) + len(layer.select(layer.router_scores(x[:50]))[0])
+    assert measured_fraction([layer]) == pytest.approx(pairs / 250 * (layer.d_ff / layer.experts) / layer.d_ff)
+
+
 def test_levers_threshold_budget_compensation(models):
     data = synthetic_corpus(20)
     plain = MoEfier(experts=8, top_k=2, **FAST).fit(str(models["llama"]), data)
@@ -226,12 +266,10 @@ def test_levers_threshold_budget_compensation(models):
     assert plain.compensation_ is None and levers.compensation_[0].shape == (8, 32)
 
 
-def test_healing_reduces_the_distillation_loss_and_round_trips(models, tmp_path):
-    from posthoc.analyse.calibration import CalibrationData, token_batches
-    from posthoc.analyse.heal import distillation_loss
-
-    # a random tiny BERT hardly uses its FFNs (MoE and dense differ by ~1e-4): amplify them so that
-    # MoE-fication loses something healing can win back
+@pytest.fixture(scope="module")
+def amplified_bert(models):
+    """A random tiny BERT hardly uses its FFNs (MoE and dense differ by ~1e-4): amplified, MoE-fication
+    loses something healing can win back."""
     model, tok, _ = load_model(models["bert"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -239,9 +277,18 @@ def test_healing_reduces_the_distillation_loss_and_round_trips(models, tmp_path)
                 p.mul_(3)
             if "output.dense" in name and "attention" not in name:
                 p.mul_(8)
-    base = tmp_path / "amplified"
+    base = models["root"] / "amplified"
     model.save_pretrained(base)
     tok.save_pretrained(base)
+    return base
+
+
+def test_healing_reduces_the_distillation_loss_and_round_trips(amplified_bert, tmp_path):
+    from posthoc.analyse.calibration import CalibrationData, token_batches
+    from posthoc.analyse.heal import distillation_loss
+
+    base = amplified_bert
+    model, tok, _ = load_model(base)
     data = synthetic_corpus(10)
     moe = MoEfier(experts=4, top_k=1, heal_steps=15, heal_lr=0.01, lora_rank=4, heal_batch_size=8, **FAST)
     moe.fit(str(base), data)
@@ -259,6 +306,60 @@ def test_healing_reduces_the_distillation_loss_and_round_trips(models, tmp_path)
     with moe_installed(moe, model):
         expected = run(model, batch)
     torch.testing.assert_close(run(posthoc.load(out), batch), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_healing_loss_terms_match_an_independent_computation(amplified_bert):
+    from posthoc.analyse.heal import distillation_loss, teacher_outputs
+
+    model, tok, _ = load_model(amplified_bert)
+    moe = MoEfier(experts=4, top_k=1, **FAST).fit(model, synthetic_corpus(10), tokenizer=tok)
+    batch = inputs_for(amplified_bert, ["a short text", "a somewhat longer text about a topic"])
+    dense = teacher_outputs(model, batch, causal=False, hidden=True)
+    mask = batch["attention_mask"].bool()
+    with moe_installed(moe, model), torch.no_grad():
+        student = model(**batch, output_hidden_states=True)
+        base = float(distillation_loss(model, batch, causal=False))
+        both = float(distillation_loss(model, batch, causal=False, hidden_weight=0.5))
+        given = float(distillation_loss(model, batch, causal=False, teacher=dense, hidden_weight=0.5))
+    errors = [float(((s[mask] - t[mask]) ** 2).sum() / (t[mask] ** 2).sum())
+              for s, t in zip(student.hidden_states[1:], dense["hidden"])]
+    assert len(errors) == model.config.num_hidden_layers and min(errors) > 0
+    assert both == pytest.approx(base + 0.5 * sum(errors) / len(errors), rel=1e-4)
+    assert given == pytest.approx(both, rel=1e-4)  # the MoE layers' dense mode is the dense model
+
+
+def test_healing_trains_compensation_biases_and_experts_against_the_original_model(amplified_bert, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    from posthoc.analyse import heal as heal_module
+
+    model, tok, _ = load_model(amplified_bert)
+    data = synthetic_corpus(10)
+    params = dict(experts=4, top_k=1, compensation=True, heal_biases=True, heal_hidden=1.0, heal_steps=12,
+                  heal_lr=0.01, heal_ffn_lr=1e-3, heal_batch_size=8, heal_tokens=400, **FAST)
+    moe = MoEfier(**params).fit(model, data, tokenizer=tok)
+    assert moe.heal_log_["batches"] < 12  # the batches cycle: the teacher's outputs are cached
+    state = moe.heal_state_[0]
+    assert {"alpha", "compensation", "first_bias", "down_bias", "first_weight", "down_t"} <= set(state)
+    healed = moe.build_layer(model, 0, permuted=False).state_dict()
+    moe.heal_state_, saved = [{} for _ in moe.ffns_], moe.heal_state_
+    unhealed = moe.build_layer(model, 0, permuted=False).state_dict()
+    moe.heal_state_ = saved
+    for key in ("compensation", "first_bias", "down_bias", "first_weight", "down_t"):
+        assert not torch.allclose(state[key], unhealed[key])  # trained
+        torch.testing.assert_close(healed[key], state[key])  # and loaded by build_layer
+    # the teacher was the original model, not the trained layers in dense mode: without the cache (fp16
+    # teacher) the losses are the same to fp16 precision
+    monkeypatch.setattr(heal_module, "TEACHER_CACHE_BYTES", 0)
+    uncached = MoEfier(**params).fit(model, data, tokenizer=tok)
+    assert uncached.heal_log_["losses"] == pytest.approx(moe.heal_log_["losses"], rel=2e-3, abs=1e-4)
+    out = moe.save(tmp_path / "healed", base=amplified_bert)
+    batch = inputs_for(amplified_bert, list(data.texts[:4]))
+    with moe_installed(moe, model):
+        expected = run(model, batch)
+    torch.testing.assert_close(run(posthoc.load(out), batch), expected, atol=1e-5, rtol=1e-4)
+    # the checkpoint is still the dense model: healing lives in the MoE files only
+    torch.testing.assert_close(run(AutoModel.from_pretrained(out), batch), run(model, batch), atol=1e-5, rtol=1e-4)
 
 
 def test_reduced_rank_regression_recovers_a_low_rank_map_and_layer_healing_helps(models, fitted):
@@ -289,7 +390,8 @@ def test_estimator_contract():
     assert moe.get_params()["experts"] == 8 and not hasattr(moe, "partition_")
     with pytest.raises(ConfigError, match="no parameter 'expert'"):
         MoEfier(expert=8)
-    for name, bad in (("top_k", 0), ("top_k", 9), ("partition", "metis"), ("shared", 1.0), ("router", "x")):
+    for name, bad in (("top_k", 0), ("top_k", 9), ("partition", "metis"), ("shared", 1.0), ("router", "x"),
+                      ("heal_hidden", -1.0), ("heal_ffn_lr", -1e-4), ("heal_tokens", 0), ("heal_biases", "yes")):
         with pytest.raises(ConfigError, match=rf"The '{name}' parameter of MoEfier must be"):
             PARAMS.validate({**moe.get_params(), name: bad})
 

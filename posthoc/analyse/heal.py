@@ -1,18 +1,24 @@
 """Healing: a short distillation of an MoE-fied model towards its own dense version, on calibration text.
 
-Only the small parts train: every layer's router, its expert scales α (w_e = 1 + α_e·σ(r_e(x)), α = 0 at
-the start, so healing starts from the unhealed model and the router gets a gradient through the scales)
-and, when `lora_rank` > 0, a low-rank term parallel to the FFN (B initialised to 0) that learns what the
-skipped experts would have added. The transformer's weights stay frozen and unchanged.
+What trains (copies held by the MoE layers; the model's own weights stay frozen): every layer's router,
+its expert scales α (w_e = 1 + α_e·σ(r_e(x)), α = 0 at the start, so healing starts from the unhealed
+model and the router gets a gradient through the scales), the compensation vectors when `compensation`
+is on, the FFN biases when `heal_biases` is on, when `lora_rank` > 0 a low-rank term parallel to the FFN
+that learns what the skipped experts would have added, and, when `heal_ffn_lr` > 0, the experts' own
+matrices (at that smaller rate). The checkpoint is unchanged: what trains is stored as the healing
+state, loaded over the MoE layers only.
 
-The teacher is the same model with every MoE layer in dense mode (all neurons), computed on the fly, so
-nothing is cached. Losses: decoders, KL(teacher ‖ student) of next-token distributions; encoders,
-(1 − cosine) of every real token's last hidden state plus (1 − cosine) of the mean-pooled embeddings.
+The teacher is the original dense model (the MoE layers swapped out for the step). Encoders' teacher
+outputs are computed once per calibration batch and kept (float16) when they fit in `TEACHER_CACHE_BYTES`.
+Losses: decoders, KL(teacher ‖ student) of next-token distributions; encoders, (1 − cosine) of every real
+token's last hidden state plus (1 − cosine) of the mean-pooled embeddings (what the targets measure);
+both plus `heal_hidden` × the mean over layers of the relative squared error of every layer's hidden
+states (‖s − t‖² / ‖t‖² over real tokens), which gives every layer a direct signal.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import time
 from typing import Any
 
@@ -25,39 +31,93 @@ from posthoc.errors import DataError
 from posthoc.finetune import mean_pool, torch_threads
 from posthoc.progress import progress_bar
 
+TEACHER_CACHE_BYTES = 2 << 30
 
-def distillation_loss(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
-    """Student (MoE) vs teacher (the same layers in dense mode) on one batch."""
-    layers = moe_layers(model)
+
+def teacher_outputs(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool, hidden: bool = False
+                    ) -> dict[str, Any]:
+    """The model's outputs without gradients: {"logits" (decoders) or "last" (encoders), "hidden": the
+    hidden states after every layer or None}. Called on the dense model (or MoE layers in dense mode)."""
     with torch.no_grad():
+        out = model(**inputs, output_hidden_states=hidden)
+    result: dict[str, Any] = {"hidden": tuple(out.hidden_states[1:]) if hidden else None}
+    if causal:
+        result["logits"] = out.logits
+    else:
+        result["last"] = out.last_hidden_state
+    return result
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """‖s − t‖² / ‖t‖² summed over the real tokens of (batch, tokens, d) hidden states."""
+    s, t = student[mask].float(), teacher[mask].float()
+    return (s - t).square().sum() / t.square().sum().clamp(min=1e-12)
+
+
+def distillation_loss(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool, *,
+                      teacher: dict[str, Any] | None = None, hidden_weight: float = 0.0) -> torch.Tensor:
+    """Student (the model with its MoE layers) vs teacher on one batch. teacher: `teacher_outputs` of the
+    dense model; None: computed here with every MoE layer in dense mode."""
+    hidden = hidden_weight > 0
+    if teacher is None:
+        layers = moe_layers(model)
         for layer in layers:
             layer.dense = True
         try:
-            teacher = model(**inputs)
+            teacher = teacher_outputs(model, inputs, causal, hidden)
         finally:
             for layer in layers:
                 layer.dense = False
-    student = model(**inputs)
+    student = model(**inputs, output_hidden_states=hidden)
     mask = inputs["attention_mask"].bool()
     if causal:
-        t = teacher.logits[mask].float().log_softmax(-1)
+        t = teacher["logits"][mask].float().log_softmax(-1)
         s = student.logits[mask].float().log_softmax(-1)
-        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-    th, sh = teacher.last_hidden_state, student.last_hidden_state
-    token = 1 - nn.functional.cosine_similarity(sh[mask], th[mask], dim=-1).mean()
-    pooled = 1 - nn.functional.cosine_similarity(
-        mean_pool(sh, inputs["attention_mask"]), mean_pool(th, inputs["attention_mask"]), dim=-1
-    ).mean()
-    return token + pooled
+        loss = nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    else:
+        th, sh = teacher["last"].float(), student.last_hidden_state
+        token = 1 - nn.functional.cosine_similarity(sh[mask], th[mask], dim=-1).mean()
+        pooled = 1 - nn.functional.cosine_similarity(
+            mean_pool(sh, inputs["attention_mask"]), mean_pool(th, inputs["attention_mask"]), dim=-1
+        ).mean()
+        loss = token + pooled
+    if hidden:
+        errors = [relative_error(s, t, mask) for s, t in zip(student.hidden_states[1:], teacher["hidden"])]
+        loss = loss + hidden_weight * torch.stack(errors).mean()
+    return loss
 
 
-def trainable_parameters(layer: MoEFFN) -> dict[str, nn.Parameter]:
-    params = {"alpha": layer.alpha}
+def trainable_parameters(layer: MoEFFN, biases: bool = False, weights: bool = False) -> dict[str, torch.Tensor]:
+    """What healing trains in one MoE layer (names as in the layer's state dict, so the healing state
+    loads with `load_state_dict(strict=False)`): router, expert scales, compensation vectors (when on),
+    LoRA (when present), with `biases` the FFN's first-matrix and output biases (when it has them), with
+    `weights` the experts' own matrices (first and down)."""
+    params: dict[str, torch.Tensor] = {"alpha": layer.alpha}
     if layer.router is not None:
         params.update({f"router.{k}": p for k, p in layer.router.named_parameters()})
+    if layer.use_compensation:
+        params["compensation"] = layer.compensation
     if layer.lora_a is not None:
         params.update({"lora_a": layer.lora_a, "lora_b": layer.lora_b})
+    if biases:
+        params.update({k: p for k, p in (("first_bias", layer.first_bias), ("down_bias", layer.down_bias))
+                       if p is not None})
+    if weights:
+        params.update({"first_weight": layer.first_weight, "down_t": layer.down_t})
     return params
+
+
+def optimizer_for(layers: list[MoEFFN], moe: Any, weights: bool = True) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    """Adam over every layer's trainable parameters: the experts' matrices (when `weights` and
+    `heal_ffn_lr` > 0) at `heal_ffn_lr`, the rest at `heal_lr`."""
+    small, big = [], []
+    for layer in layers:
+        for name, p in trainable_parameters(layer, moe.heal_biases, weights and moe.heal_ffn_lr > 0).items():
+            (big if name in ("first_weight", "down_t") else small).append(p)
+    groups = [{"params": small, "lr": moe.heal_lr}] + ([{"params": big, "lr": moe.heal_ffn_lr}] if big else [])
+    for p in small + big:
+        p.requires_grad_(True)
+    return torch.optim.Adam(groups), small + big
 
 
 @torch.no_grad()
@@ -87,7 +147,8 @@ def dense_outputs(layer: MoEFFN, x: torch.Tensor, chunk: int = 4096) -> torch.Te
 def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Layer by layer, on the cached calibration inputs of each FFN (no backpropagation through the model):
     fit the LoRA term by reduced-rank regression of what the MoE layer misses (dense − MoE output), then
-    train router, expert scales and LoRA for `layer_heal_epochs` epochs on the output MSE."""
+    train router, expert scales, compensation, LoRA (and biases with `heal_biases`) for `layer_heal_epochs`
+    epochs on the output MSE. The experts' matrices train only in whole-model healing (`heal`)."""
     states = []
     generator = torch.Generator().manual_seed(moe.seed)
     for i, x in enumerate(samples):
@@ -100,7 +161,7 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
                 a, b = reduced_rank_regression(x, missed, layer.lora_a.shape[0])
                 layer.lora_a.copy_(a)
                 layer.lora_b.copy_(b)
-        params = trainable_parameters(layer)
+        params = trainable_parameters(layer, moe.heal_biases)  # the experts' matrices: whole-model healing only
 
         def sample_loss(layer: MoEFFN = layer, x: torch.Tensor = x, target: torch.Tensor = target) -> float:
             with torch.no_grad():
@@ -108,9 +169,7 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
                            for j in range(0, x.shape[0], 4096)) / x.shape[0]
 
         if moe.layer_heal_epochs:
-            for p in params.values():
-                p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params.values(), lr=moe.heal_lr)
+            optimizer, _ = optimizer_for([layer], moe, weights=False)
             best, best_state = sample_loss(), {k: p.detach().clone() for k, p in params.items()}
             with torch_threads(1):  # small per-expert matmuls: a second thread mostly waits on a busy machine
                 for _ in range(moe.layer_heal_epochs):
@@ -125,59 +184,101 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(best_state[k])
+            for p in params.values():
+                p.requires_grad_(False)
         states.append({k: p.detach().clone() for k, p in params.items()})
     return states
 
 
 def heal(moe: Any, model: nn.Module, tokenizer: Any, data: CalibrationData) -> dict[str, Any]:
     """Distil the MoE layers of `moe` (an MoEfier with partitions and routers) on `data`. The trained
-    parameters (router.*, alpha, lora_a/b) go to moe.heal_state_ and are loaded over moe.routers_ when
+    parameters (see `trainable_parameters`) go to moe.heal_state_ and are loaded over moe.routers_ when
     layers are built (so the unhealed model stays available). `model` is the dense model in its
-    original neuron order; it is left unchanged."""
+    original neuron order; it is left unchanged.
+
+    Adam at `heal_lr`, cosine-decayed to a tenth over `heal_steps`, on batches of `heal_batch_size`
+    sequences from the first `heal_tokens` calibration tokens (cycled)."""
     from posthoc.analyse.moe_layers import install_moe, restore
 
     if moe.router == "oracle":
         return {"steps": 0, "note": "the oracle router has nothing to heal"}
     causal = is_causal_lm(model)
+    hidden = moe.heal_hidden > 0
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    originals = []
-    started = time.perf_counter()
+    installed: list[tuple[Any, MoEFFN, dict[str, nn.Module]]] = []
+    started, cpu = time.perf_counter(), time.process_time()
     losses: list[float] = []
+
+    def dense_teacher(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The original model's outputs: the MoE layers are swapped out for the call (trainable biases and
+        compensation live in the MoE layers, so their dense mode is no longer the dense model)."""
+        for _, _, originals in reversed(installed):
+            restore(model, originals)
+        try:
+            return teacher_outputs(model, inputs, causal, hidden)
+        finally:
+            for j, (ffn, layer, _) in enumerate(installed):
+                installed[j] = (ffn, layer, install_moe(model, ffn, layer))
+
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for i, ffn in enumerate(moe.ffns_):
-            originals.append(install_moe(model, ffn, moe.build_layer(model, i, permuted=False)))
-        layers = moe_layers(model)
-        params = [p for layer in layers for p in trainable_parameters(layer).values()]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=moe.heal_lr)
-        batches = list(token_batches(tokenizer, data, max_length=moe.max_length, batch_size=moe.heal_batch_size,
-                                     pack=causal, max_tokens=moe.max_tokens))
+            layer = moe.build_layer(model, i, permuted=False)
+            installed.append((ffn, layer, install_moe(model, ffn, layer)))
+        layers = [layer for _, layer, _ in installed]
+        optimizer, _ = optimizer_for(layers, moe)
+        schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to a tenth of every group's rate
+            optimizer, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, moe.heal_steps) / max(1, moe.heal_steps))))
+        batches = [b.inputs for b in token_batches(tokenizer, data, max_length=moe.max_length,
+                                                     batch_size=moe.heal_batch_size, pack=causal,
+                                                     max_tokens=moe.heal_tokens or moe.max_tokens)]
         if not batches:
             raise DataError("healing: the calibration data gave no token batches")
+        # encoders: the teacher's outputs of every batch are kept (float16) when the batches are seen more
+        # than once and all of them fit in TEACHER_CACHE_BYTES (decoders' logits never do)
+        cache: dict[int, dict[str, Any]] | None = {} if not causal and moe.heal_steps > len(batches) else None
+        positions = sum(int(b["attention_mask"].numel()) for b in batches)
         model.eval()  # no dropout: the student must match the deterministic teacher
         with progress_bar(moe.heal_steps, "heal", "step", enabled=moe.progress) as bar:
-            for inputs in itertools.islice(itertools.cycle(b.inputs for b in batches), moe.heal_steps):
-                loss = distillation_loss(model, inputs, causal)
+            for step in range(moe.heal_steps):
+                inputs = batches[step % len(batches)]
+                if cache is None:
+                    teacher = dense_teacher(inputs)
+                else:
+                    out = None
+                    if step % len(batches) not in cache:
+                        out = dense_teacher(inputs)
+                        kept = [out["last"], *(out["hidden"] or ())]
+                        per_position = 2 * sum(t.shape[-1] for t in kept)
+                        if positions * per_position > TEACHER_CACHE_BYTES:
+                            cache = None
+                        else:
+                            cache[step % len(batches)] = {"last": kept[0].half(),
+                                                          "hidden": tuple(t.half() for t in kept[1:]) or None}
+                    teacher = out if cache is None else cache[step % len(batches)]
+                loss = distillation_loss(model, inputs, causal, teacher=teacher, hidden_weight=moe.heal_hidden)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 bar.update(1)
         for i, layer in enumerate(layers):
             # kept apart from moe.routers_ (the unhealed routers), loaded on top of them by build_layer
-            moe.heal_state_[i] = {k: p.detach().clone() for k, p in trainable_parameters(layer).items()}
+            trained = trainable_parameters(layer, moe.heal_biases, moe.heal_ffn_lr > 0)
+            moe.heal_state_[i] = {k: p.detach().clone() for k, p in trained.items()}
     finally:
-        for saved in reversed(originals):
-            restore(model, saved)
+        for _, _, originals in reversed(installed):
+            restore(model, originals)
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
     return {
         "steps": len(losses),
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),  # this process's CPU time (the machine is shared)
+        "batches": len(batches),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "losses": [round(v, 5) for v in losses],

@@ -13,7 +13,7 @@ What `fit` does, per FFN (one streaming pass over the calibration text collects 
 4. routers on the sampled inputs: the centroid router (free) and, if asked, MoEfication's MLP router
    trained to predict every expert's activation mass (normalised by the token's largest), 90/10 split
    with early stopping; the oracle needs no training (it computes every neuron: evaluation only);
-5. levers for non-ReLU models: per-layer budgets (greedy on the measured output error), threshold
+5. levers for non-ReLU models: per-layer budgets (greedy on the relative output error), threshold
    routing (a variable number of experts per token at the same average), compensation of skipped
    experts by their calibration-mean output; then optional healing (`posthoc.analyse.heal`).
 
@@ -64,7 +64,7 @@ PARAMS = ParamTable("MoEfier", [
     choice("score", "magnitude", SCORES, "Neuron activation score: |h| or output-aware |h|·‖W_down column‖."),
     choice("routing", "topk", ROUTINGS, "topk: k experts per token; threshold: a variable number at the same average."),
     choice("layer_budget", "uniform", ("uniform", "greedy"),
-           "greedy: more experts where the measured output error is largest, same total."),
+           "greedy: more experts where the measured output error (relative to the layer's output) is largest, same total."),
     Param("compensation", False, "a bool", lambda v, p: isinstance(v, bool),
           "Add the calibration-mean output of skipped experts (FLAP-style bias)."),
     Param("lora_rank", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
@@ -75,8 +75,20 @@ PARAMS = ParamTable("MoEfier", [
           "expert scales and LoRA: cheap, no backpropagation through the model."),
     Param("heal_steps", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
           "Steps of whole-model distillation of routers, expert scales (and LoRA) towards the dense model."),
-    Param("heal_lr", 1e-3, "a number > 0", lambda v, p: is_number(v) and v > 0, "Healing learning rate."),
+    Param("heal_lr", 1e-3, "a number > 0", lambda v, p: is_number(v) and v > 0,
+          "Healing learning rate (cosine-decayed to a tenth over the steps)."),
     Param("heal_batch_size", 8, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per healing step."),
+    Param("heal_tokens", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1),
+          "Calibration tokens the healing steps cycle through (default: max_tokens)."),
+    Param("heal_hidden", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
+          "Weight of every layer's hidden-state error (relative squared error to the dense model's) in the "
+          "healing loss, added to the output loss (0: output loss only)."),
+    Param("heal_biases", False, "a bool", lambda v, p: isinstance(v, bool),
+          "Healing also trains the FFN biases of the MoE layers (stored with the healing state; the dense "
+          "checkpoint is unchanged)."),
+    Param("heal_ffn_lr", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
+          "Learning rate of the experts' own matrices during healing (0: frozen; e.g. 1e-4 trains them, and the "
+          "healing state then holds a copy of every FFN's weights; the dense checkpoint is unchanged)."),
     Param("max_tokens", 50_000, "an int >= 1", lambda v, p: is_int(v) and v >= 1,
           "Calibration tokens streamed through the model."),
     Param("router_tokens", 20_000, "an int >= 64", lambda v, p: is_int(v) and v >= 64,
@@ -157,6 +169,7 @@ class MoEfier:
             timings["partition_and_routers"] = time.perf_counter() - t0
             if getattr(self, "layer_heal_seconds_", None):
                 timings["layer_heal"] = self.layer_heal_seconds_
+                timings["layer_heal_cpu"] = self.layer_heal_cpu_seconds_
             if self.heal_state_ is None:
                 self.heal_state_ = [{} for _ in self.ffns_]
             self.heal_log_ = None
@@ -218,6 +231,7 @@ class MoEfier:
         n_layers = len(self.ffns_)
         self.top_k_, self.thresholds_ = [self.top_k] * n_layers, [None] * n_layers
         self.compensation_, self.heal_state_ = None, None
+        self.layer_heal_seconds_ = self.layer_heal_cpu_seconds_ = None
         self.orders_, self.sizes_, self.shared_, self.routers_ = [], [], [], []
         self.recall_, self.router_curves_ = [], []
         samples: list[torch.Tensor] = []
@@ -258,9 +272,10 @@ class MoEfier:
         if (self.lora_rank or self.layer_heal_epochs) and self.router != "oracle":
             from posthoc.analyse.heal import heal_layers
 
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.process_time()
             self.heal_state_ = heal_layers(self, model, samples)
             self.layer_heal_seconds_ = time.perf_counter() - t0
+            self.layer_heal_cpu_seconds_ = time.process_time() - cpu
 
     def _rows(self, w: FFNWeights) -> torch.Tensor:
         """Rows of the first matrix that describe when a neuron fires (k-means space, centroid router).
@@ -472,15 +487,19 @@ def router_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
 
 @torch.no_grad()
 def output_errors(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """(E,) mean squared error of the FFN output with the router's top-k experts, k = 1..E (k = E: 0)."""
+    """(E,) squared error of the FFN output with the router's top-k experts, k = 1..E (k = E: 0), relative
+    to the dense output's (‖y_k − y‖² / ‖y‖², means over tokens): layers whose outputs differ in scale
+    (the last layers' are larger) are compared on what they lose, not on their scale."""
     h = layer.hidden_all(x)
-    dense = h @ layer.down_t  # (n, d); the bias cancels
+    dense = h @ layer.down_t  # (n, d)
     ranked = layer.router_scores(x).argsort(dim=1, descending=True)  # (n, E)
     shared = h[:, : layer.shared] @ layer.down_t[: layer.shared]
     partial = torch.stack([h[:, lo:hi] @ layer.down_t[lo:hi] for lo, hi in zip(layer.offsets[:-1], layer.offsets[1:])], 1)
     ordered = partial.gather(1, ranked[:, :, None].expand_as(partial))  # (n, E, d) in router order
     approx = shared[:, None] + ordered.cumsum(1)  # (n, E, d): top-1, top-2, … outputs
-    return (approx - dense[:, None]).square().sum(-1).mean(0)
+    dense_b = dense if layer.down_bias is None else dense + layer.down_bias  # the output the next block sees
+    energy = dense_b.square().sum(-1).mean().clamp(min=1e-12)
+    return (approx - dense[:, None]).square().sum(-1).mean(0) / energy
 
 
 def greedy_budget(errors: list[torch.Tensor], total: int, k_min: int = 1) -> list[int]:

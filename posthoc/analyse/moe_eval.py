@@ -158,6 +158,18 @@ def active_fraction(layers: Sequence[MoEFFN]) -> float:
     return sum(fractions) / len(fractions)
 
 
+def measured_fraction(layers: Sequence[MoEFFN]) -> float | None:
+    """Mean fraction of FFN neurons computed per token over what the layers routed since they were built
+    (threshold routing computes a variable number of experts per token); None before any token."""
+    if not all(layer.seen[0] for layer in layers):
+        return None
+    fractions = []
+    for layer in layers:
+        mean_size = sum(layer.sizes) / len(layer.sizes)
+        fractions.append((layer.shared + layer.seen[1] / layer.seen[0] * mean_size) / layer.d_ff)
+    return sum(fractions) / len(fractions)
+
+
 @torch.inference_mode()
 def time_ffn(layer: MoEFFN, dense: Any, x: torch.Tensor, *, repeats: int = 10) -> dict[str, float]:
     """Milliseconds per call (median of `repeats`) of `dense` (the original FFN as a callable, e.g.

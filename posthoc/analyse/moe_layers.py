@@ -138,6 +138,7 @@ class MoEFFN(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.d_model, lora_rank)) if lora_rank else None
         self.set_routing(top_k=top_k, routing=routing, threshold=threshold)
         self.dense = False  # True: compute every neuron (the dense FFN), for teachers and checks
+        self.seen = [0, 0]  # tokens routed, (token, expert) pairs computed: the measured experts per token
 
     # ------------------------------------------------------------------------------------ settings
 
@@ -229,6 +230,8 @@ class MoEFFN(nn.Module):
             y = torch.addmm(y, h, self.down_t[: self.shared])
         scores = self.router_scores(x)  # (T, E)
         tokens, experts = self.select(scores)
+        self.seen[0] += t
+        self.seen[1] += len(tokens)
         order = experts.argsort(stable=True)
         tokens, experts = tokens[order], experts[order]
         counts = torch.bincount(experts, minlength=self.experts).tolist()

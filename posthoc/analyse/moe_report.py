@@ -119,13 +119,15 @@ def build_report(moe: Any, rows: list[dict[str, Any]], dense: dict[str, float], 
     if getattr(moe, "heal_log_", None) and moe.heal_log_.get("losses"):
         r.section("Healing")
         log = moe.heal_log_
-        r.key_values({"steps": log["steps"], "seconds": log["seconds"], "first loss": log["loss_first"],
-                      "last loss": log["loss_last"], "learning rate": moe.heal_lr, "LoRA rank": moe.lora_rank})
+        r.key_values({"steps": log["steps"], "seconds": log["seconds"], "CPU seconds": log.get("cpu_seconds"),
+                      "first loss": log["loss_first"], "last loss": log["loss_last"], "learning rate": moe.heal_lr,
+                      "experts' learning rate": moe.heal_ffn_lr, "FFN biases trained": moe.heal_biases,
+                      "hidden-state loss weight": moe.heal_hidden, "LoRA rank": moe.lora_rank})
         fig, ax = r.figure_axes(height=2.8)
         ax.plot(log["losses"])
         ax.set_xlabel("step")
         ax.set_ylabel("distillation loss")
-        r.figure(fig, "healing_loss", "Distillation of routers and expert scales (and LoRA) towards the dense model.")
+        r.figure(fig, "healing_loss", "Distillation of the MoE layers' trained parts towards the dense model.")
 
     if speeds:
         r.section("Speed (CPU)")
