@@ -354,3 +354,19 @@ def test_finetune_step_with_head_init_probe_starts_from_a_probe_of_the_frozen_ba
     assert torch.allclose(head.linear.weight, probe.linear.weight, atol=1e-6)
     assert torch.allclose(head.linear.bias, probe.linear.bias, atol=1e-6)
     assert head.accuracy(embeddings, corpus.labels) == probe.accuracy(embeddings, corpus.labels)
+
+
+def test_merge_step_with_a_randomized_method_is_reproducible(llama_family, tmp_path):
+    """DARE draws from the step's seed: the same step run twice writes the same merge."""
+    from conftest import read_all
+
+    from posthoc.recipes.registry import StepContext
+    from posthoc.recipes.steps import merge_step
+
+    base, tuned = llama_family
+    ctx = StepContext("merge", tmp_path, 1, False)
+    for out in ("a", "b"):
+        merge_step(ctx, base=base, models=list(tuned), out=tmp_path / out, method="dare_ties",
+                   parameters={"density": 0.5})  # fmt: skip
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

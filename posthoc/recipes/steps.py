@@ -345,8 +345,10 @@ def merge_step(
     validate: dict[str, dict[str, Any]] | None = None,
     validation_per_class: int | None = None,
     max_length: int = 128,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Merge fine-tunes of `base` with a posthoc merge method; with `search`, every combination of the
+    """Merge fine-tunes of `base` with a posthoc merge method (randomized methods draw from `seed`, so a
+    rerun gives the same merge); with `search`, every combination of the
     listed parameter values (or of `search[method]`, when search maps methods to grids) is merged and scored on the validation split of each `validate` task (its
     data, its head: mean accuracy), and the best one is kept. Test data is never read."""
     from posthoc.merge import REGISTRY, MergeConfig, get_method, merge_checkpoints
@@ -372,7 +374,7 @@ def merge_step(
             spec["base_model"] = str(base)
         config = MergeConfig.from_dict(spec, where=f"step {ctx.name}")
         candidate = staging_root / f"candidate-{i}"
-        merge_checkpoints(config, candidate, force=True, progress=False)
+        merge_checkpoints(config, candidate, force=True, progress=False, seed=seed)
         if len(combos) == 1:
             best = (0.0, candidate, params)
             break
