@@ -100,7 +100,7 @@ def task_arithmetic_family(
     whole_base = flat_base[0:n].to(compute) if single else None
 
     def base_of(s: slice) -> torch.Tensor:
-        return whole_base if whole_base is not None else flat_base[s].to(compute)
+        return whole_base[s] if whole_base is not None else flat_base[s].to(compute)
 
     def delta(i: int, s: slice) -> torch.Tensor:
         if i in cache:
@@ -108,7 +108,7 @@ def task_arithmetic_family(
         x, b = flats[i][s], base_of(s)
         d = torch.empty(s.stop - s.start, dtype=compute)
         for u in sparsify.sub_slices(slice(0, s.stop - s.start)):
-            _delta_into(d[u], x[u], b[u])
+            _task_vector(x[u], b[u], out=d[u])
         if single:
             cache[i] = d
         return d
@@ -141,7 +141,7 @@ def task_arithmetic_family(
         if not sliceable:  # random draws follow the chunks of the fitting pass: select whole chunks
             kept = [selection.keep(s, delta(i, s)) for i, selection in enumerate(selections)]
         for u in sparsify.sub_slices(s):
-            b = base_of(u) if whole_base is None else whole_base[u]
+            b = base_of(u)
             if sliceable:
                 local = [selection.keep(u, _delta_at(cache, i, u, flats, b)) for i, selection in enumerate(selections)]
             else:
@@ -160,21 +160,20 @@ def _sum_of_deltas(base: torch.Tensor, flats: list[torch.Tensor], coefficients: 
     out = torch.empty(base.numel(), dtype=out_dtype)
     for u in sparsify.sub_slices(slice(0, base.numel())):
         b = base[u].to(compute)
-        total = flats[0][u].to(compute, copy=True).sub_(b).mul_(coefficients[0])
+        total = _task_vector(flats[0][u], b).mul_(coefficients[0])
         for x, a in zip(flats[1:], coefficients[1:]):
-            total.add_(x[u].to(compute, copy=True).sub_(b), alpha=a)
+            total.add_(_task_vector(x[u], b), alpha=a)
         out[u] = total.add_(b)
     return out
 
 
 def _delta_at(cache: dict[int, torch.Tensor], i: int, u: slice, flats: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Input i's task vector on the flat slice u (from the fitting pass's cache when it kept one)."""
-    if i in cache:
-        return cache[i][u]
-    return _delta_into(torch.empty_like(base), flats[i][u], base)
+    return cache[i][u] if i in cache else _task_vector(flats[i][u], base)
 
 
-def _delta_into(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def _task_vector(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x − base in base's (compute) dtype, into `out` or a new tensor (x is never modified)."""
     # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
     return torch.sub(x if x.dtype == base.dtype else x.to(base.dtype), base, out=out)
 

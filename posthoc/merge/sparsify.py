@@ -280,7 +280,8 @@ def elected_sign(weighted_sum: torch.Tensor) -> torch.Tensor:
 
     (copysign gives −1 at −0.0, which only arises when every weighted delta is zero: nothing agrees there
     either way.)"""
-    return torch.copysign(_ONE.get(weighted_sum.dtype) or torch.ones((), dtype=weighted_sum.dtype), weighted_sum)
+    one = _ONE.get(weighted_sum.dtype)
+    return torch.copysign(one if one is not None else torch.ones((), dtype=weighted_sum.dtype), weighted_sum)
 
 
-_ONE = {dtype: torch.ones((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
+_ONE = {dtype: torch.ones((), dtype=dtype) for dtype in (torch.float32, torch.float64)}  # made once: called per slice
