@@ -49,7 +49,7 @@ def top_k_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     n = flat.numel()
     chunks = [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     top = sparsify.TopK(k, n)
-    sparsify.fit_top_k(lambda: ((s, flat[s]) for s in chunks), [top])
+    sparsify.fit_top_k(sparsify.Deltas(lambda: ((s, flat[s]) for s in chunks)), [top])
     return torch.cat([top.keep(s, flat[s]) != 0 for s in chunks])
 
 
@@ -79,6 +79,48 @@ def test_top_k_keeps_exactly_k_with_ties_broken_by_index(chunk):
     expected = torch.zeros(50_000, dtype=torch.bool)
     expected[torch.argsort(bf16_like.abs(), descending=True, stable=True)[:10_000]] = True
     assert torch.equal(mask, expected)
+
+
+def test_top_k_survives_a_sample_in_step_with_the_data(monkeypatch):
+    """Exactly the sampled blocks hold large entries, so the sample brackets the wrong buckets: the exact histogram
+    pass must take over and give the same selection as a sort."""
+    stride = sparsify.SAMPLE_STRIDE
+    values = rand(stride * sparsify.SAMPLE_BLOCK * 100, seed=4).abs()
+    values.view(-1, stride * sparsify.SAMPLE_BLOCK)[:, : sparsify.SAMPLE_BLOCK] += 10.0
+    calls = []
+    exact = sparsify._exact_brackets
+    monkeypatch.setattr(sparsify, "_exact_brackets", lambda *a: calls.append(1) or exact(*a))
+    k = values.numel() // 5
+    expected = torch.zeros(values.numel(), dtype=torch.bool)
+    expected[torch.argsort(values, descending=True, stable=True)[:k]] = True
+    assert torch.equal(top_k_mask(values, k, 10**6), expected)
+    assert calls, "the misleading sample was not detected"
+
+
+def test_bfloat16_task_vector_keys_equal_the_float32_buckets():
+    """Keys from one bfloat16 subtraction are the bfloat16 rounding of the float32 difference."""
+    g = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-30, 10, (200_000,), generator=g).float()
+    base = (torch.randn(200_000, generator=g) * 2**exponents).bfloat16()
+    near = (base.float() * (1 + 1e-2 * torch.randn(200_000, generator=g))).bfloat16()
+    far = (torch.randn(200_000, generator=g) * 2 ** exponents.flip(0)).bfloat16()  # other signs and scales
+    for x in (near, far):
+        vector = sparsify.TaskVector(x, base, [slice(0, x.numel())], torch.float32)
+        piece = (x, base)
+        f32 = sparsify._buckets(x.float() - base.float())
+        assert torch.equal(vector.keys(piece, slice(None)), f32)
+
+
+def test_ties_on_bfloat16_fine_tunes_matches_reference(chunked):
+    """bf16 fine-tunes close to the base (most deltas exactly zero, the rest few values: many ties), large
+    enough for the sampled top-k fit."""
+    base32 = rand(150, 400, seed=1)
+    base = base32.bfloat16()
+    xs = [(base32 + 2e-3 * rand(150, 400, seed=20 + i)).bfloat16() for i in range(3)]
+    w, dens = [1.0, 1.0, 1.0], [0.2, 0.05, 0.5]  # unit weights: sums of bf16 deltas are exact, so the
+    got = call("ties", xs, base, weight=w, density=dens)  # elected sign never rests on a rounding
+    expected = numpy_ties(base.float(), [x.float() for x in xs], w, dens)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- linear family

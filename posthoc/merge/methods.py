@@ -94,24 +94,15 @@ def task_arithmetic_family(
         return _sum_of_deltas(flat_base, flats, coefficients, out_dtype or compute).reshape(shape)
     chunks = sparsify.row_chunks(shape)
     row = n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
-    cache: dict[int, torch.Tensor] = {}  # a tensor that is one chunk keeps its task vectors between passes
-
-    single = len(chunks) == 1
-    whole_base = flat_base[0:n].to(compute) if single else None
-
-    def base_of(s: slice) -> torch.Tensor:
-        return whole_base[s] if whole_base is not None else flat_base[s].to(compute)
+    cache: dict[int, torch.Tensor] = {}  # random selections of a one-chunk tensor keep its task vectors
 
     def delta(i: int, s: slice) -> torch.Tensor:
-        if i in cache:
-            return cache[i]
-        x, b = flats[i][s], base_of(s)
-        d = torch.empty(s.stop - s.start, dtype=compute)
-        for u in sparsify.sub_slices(slice(0, s.stop - s.start)):
-            _task_vector(x[u], b[u], out=d[u])
-        if single:
+        if i not in cache:
+            d = sparsify.task_vector(flats[i][s], flat_base[s].to(compute))
+            if len(chunks) > 1:
+                return d
             cache[i] = d
-        return d
+        return cache[i]
 
     def passes(i: int) -> sparsify.Chunks:
         return lambda: ((s, delta(i, s)) for s in chunks)
@@ -122,9 +113,10 @@ def task_arithmetic_family(
     def select(i: int) -> sparsify.Selection:
         d = density[i] if density is not None else 1.0
         if sparsification == "magnitude":
-            return sparsify.magnitude_selection(passes(i), n, d, rescale)
+            return sparsify.magnitude_selection(sparsify.TaskVector(flats[i], flat_base, chunks, compute), n, d, rescale)
         if sparsification == "breadcrumbs":
-            return sparsify.breadcrumbs_selection(passes(i), n, d, gamma[i], rescale)
+            vector = sparsify.TaskVector(flats[i], flat_base, chunks, compute)
+            return sparsify.breadcrumbs_selection(vector, n, d, gamma[i], rescale)
         if sparsification == "random":
             return sparsify.random_selection(passes(i), n, d, rescale, generators[i])
         if sparsification == "della":
@@ -138,15 +130,17 @@ def task_arithmetic_family(
     out = torch.empty(n, dtype=out_dtype or compute)
     sliceable = all(selection.sliceable for selection in selections)
     for s in chunks:
+        bases, inputs = flat_base[s], [flat[s] for flat in flats]  # one read of a lazy chunk
         if not sliceable:  # random draws follow the chunks of the fitting pass: select whole chunks
             kept = [selection.keep(s, delta(i, s)) for i, selection in enumerate(selections)]
-        for u in sparsify.sub_slices(s):
-            b = base_of(u)
+        for u in sparsify.sub_slices(slice(0, s.stop - s.start)):
+            b = bases[u].to(compute)
+            at = slice(s.start + u.start, s.start + u.stop)
             if sliceable:
-                local = [selection.keep(u, _delta_at(cache, i, u, flats, b)) for i, selection in enumerate(selections)]
+                local = [sel.keep(at, sparsify.task_vector(x[u], b)) for x, sel in zip(inputs, selections)]
             else:
-                local = [k[u.start - s.start : u.stop - s.start] for k in kept]
-            out[u] = combine(local).add_(b)
+                local = [k[u] for k in kept]
+            out[at] = combine(local).add_(b)
         cache.clear()
     return out.reshape(shape)
 
@@ -160,22 +154,11 @@ def _sum_of_deltas(base: torch.Tensor, flats: list[torch.Tensor], coefficients: 
     out = torch.empty(base.numel(), dtype=out_dtype)
     for u in sparsify.sub_slices(slice(0, base.numel())):
         b = base[u].to(compute)
-        total = _task_vector(flats[0][u], b).mul_(coefficients[0])
+        total = sparsify.task_vector(flats[0][u], b).mul_(coefficients[0])
         for x, a in zip(flats[1:], coefficients[1:]):
-            total.add_(_task_vector(x[u], b), alpha=a)
+            total.add_(sparsify.task_vector(x[u], b), alpha=a)
         out[u] = total.add_(b)
     return out
-
-
-def _delta_at(cache: dict[int, torch.Tensor], i: int, u: slice, flats: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Input i's task vector on the flat slice u (from the fitting pass's cache when it kept one)."""
-    return cache[i][u] if i in cache else _task_vector(flats[i][u], base)
-
-
-def _task_vector(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x − base in base's (compute) dtype, into `out` or a new tensor (x is never modified)."""
-    # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
-    return torch.sub(x if x.dtype == base.dtype else x.to(base.dtype), base, out=out)
 
 
 class _Combination:
@@ -197,15 +180,20 @@ class _Combination:
         if self.consensus:
             # Σ over agreeing inputs of cᵢδᵢ = e · Σ cᵢ·max(e·δᵢ, 0) for the elected sign e (cᵢ > 0 here).
             elected = sparsify.elected_sign(mixed)
-            mixed.zero_()
-            divisor = torch.zeros_like(mixed)
+            agreeing: torch.Tensor | None = None  # Σ |cᵢ|·max(e·δᵢ, 0)
             for d, c, w in zip(kept, self.contributions, self.weight):
                 if c == 0:
                     continue
                 aligned = d.mul_(elected if c > 0 else -elected).clamp_(min=0)
-                mixed.add_(aligned, alpha=abs(c))
-                divisor.add_(aligned.sign_(), alpha=w)  # aligned ≥ 0, so its sign is the agreement 0/1
-            mixed *= elected
+                if agreeing is None:  # the first input starts both sums (no zero-filled buffers)
+                    agreeing = aligned * abs(c)
+                    divisor = aligned.sign_().mul_(w)  # aligned ≥ 0, so its sign is the agreement 0/1
+                else:
+                    agreeing.add_(aligned, alpha=abs(c))
+                    divisor.add_(aligned.sign_(), alpha=w)
+            if agreeing is None:  # every contribution is zero
+                return mixed.zero_()
+            mixed = agreeing.mul_(elected)
             if all(w > 0 for w in self.weight):  # a zero divisor then means nothing agreed and mixed is 0 there
                 divisor.clamp_(min=1e-30)
             else:

@@ -4,11 +4,12 @@ Task vectors are processed in chunks of whole rows, so merging an embedding matr
 the inputs, the output and a few chunk-sized temporaries. Selections that depend on the whole tensor
 (the top-k magnitudes of TIES and breadcrumbs, the L1 norms of a rescale) are fitted first:
 
-- `TopK` finds the k largest magnitudes exactly without sorting. A histogram of the magnitudes' bfloat16
-  bit patterns (order-preserving for non-negative floats) locates the bucket that holds the k-th
-  largest value in one pass; a second pass collects that bucket's values only, and `kthvalue` on them
-  gives the exact threshold. Among entries equal to the threshold the lower flat indices are kept, so
-  exactly k entries survive whatever the chunking (ties are common: bf16 task vectors take few values).
+- `TopK` finds the k largest magnitudes exactly without sorting. Magnitudes are bucketed by their
+  bfloat16 bit patterns (order-preserving for non-negative floats); a strided sample brackets the bucket
+  of the k-th largest, one pass counts the entries above the bracket and gathers those inside, and
+  `kthvalue` on the k-th's bucket gives the exact threshold. Among entries equal to the threshold the
+  lower flat indices are kept, so exactly k entries survive whatever the chunking (ties are common: bf16
+  task vectors take few values).
 - Random selections (DARE, DELLA) draw from a generator whose state is saved after fitting and replayed,
   so both passes see the same mask and a seed gives the same merge.
 """
@@ -18,14 +19,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 20
-WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (their task vectors are kept between passes)
+WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (their keys or task vectors are kept between passes)
 SLICE_ELEMENTS = 1 << 16  # the combining arithmetic runs on flat slices this size, so its temporaries stay in cache
+GATHER_ELEMENTS = 1 << 18  # key comparisons of the top-k fit run on flat slices this size
+SAMPLE_STRIDE, SAMPLE_BLOCK = 61, 32  # the top-k fit samples one block of 32 keys in 61 (see `_blocks`)
+SAMPLE_EDGES = 6  # key edges the top-k fit counts around the sampled k-th (each one numpy compare per entry)
 _BUCKETS = 1 << 15  # non-negative bfloat16 bit patterns (NaN included) have the top bit clear
 
 Chunks = Callable[[], Iterator[tuple[slice, torch.Tensor]]]  # a fresh pass: (flat slice, delta chunk)
@@ -82,8 +86,6 @@ class TopK:
         self.threshold = math.inf
         self.cut = 0
         self.kept_l1 = 0.0
-        self._bucket = -1
-        self._rank = 0  # rank of the threshold inside its bucket, from the top
 
     @property
     def trivial(self) -> bool:
@@ -113,56 +115,233 @@ class TopK:
         )
 
 
-def fit_top_k(chunks: Chunks, selections: list[TopK], with_l1: bool = False) -> float:
-    """Fit the selections in two passes over the chunks (three with `with_l1`: then the L1 norm each keeps
-    is computed too, and Σ|delta| over the whole tensor is returned; else 0)."""
+def task_vector(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x − base in base's (compute) dtype, into `out` or a new tensor (x is never modified)."""
+    # Convert first: torch's mixed-dtype arithmetic (bf16 - f32) is several times slower than a cast + op.
+    return torch.sub(x if x.dtype == base.dtype else x.to(base.dtype), base, out=out)
+
+
+class Deltas:
+    """A task vector that arrives as float chunks (flat slice, chunk), for `fit_top_k`."""
+
+    def __init__(self, chunks: Chunks):
+        self._chunks = chunks
+
+    def pieces(self) -> Iterator[tuple[slice, object]]:
+        """(flat slice, piece) per chunk; `delta` and `keys` cut a piece further with local indices."""
+        return ((s, d.reshape(-1)) for s, d in self._chunks())
+
+    def delta(self, piece, where: slice | torch.Tensor) -> torch.Tensor:
+        return piece[where]
+
+    def keys(self, piece, where: slice) -> torch.Tensor:
+        return _buckets(self.delta(piece, where))
+
+    def sample_keys(self, piece) -> torch.Tensor:
+        return _buckets(_blocks(piece)).reshape(-1)
+
+
+def _blocks(flat: torch.Tensor) -> torch.Tensor:
+    """The first SAMPLE_BLOCK entries of every SAMPLE_STRIDE blocks (a 2-D view): a sample that touches
+    1/SAMPLE_STRIDE of the memory, at offsets that cycle through the columns of any row length."""
+    span = SAMPLE_STRIDE * SAMPLE_BLOCK
+    q = flat.numel() // span
+    return flat[: q * span].view(q, span)[:, :SAMPLE_BLOCK]
+
+
+class TaskVector(Deltas):
+    """θ − θ₀ of one input, formed slice by slice from the stored tensors (flat; lazy readers allowed).
+
+    Never held whole in float32: a fresh whole-tensor buffer costs more in page faults than the arithmetic
+    (measured 6× the cost of forming the same deltas on cache-sized slices). When both tensors are
+    bfloat16 the bucket keys come from one bfloat16 subtraction, which rounds the exact float32 difference
+    to bfloat16 just like `_buckets` does, so the keys are the same without the float32 detour."""
+
+    def __init__(self, x, base, chunks: list[slice], compute: torch.dtype):
+        self.x, self.base, self.chunks, self.compute = x, base, chunks, compute
+        self._bf16 = x.dtype == base.dtype == torch.bfloat16
+
+    def pieces(self) -> Iterator[tuple[slice, object]]:
+        return ((s, (self.x[s], self.base[s])) for s in self.chunks)
+
+    def delta(self, piece, where: slice | torch.Tensor) -> torch.Tensor:
+        x, b = piece
+        if isinstance(where, torch.Tensor):  # index_select: 2× faster than advanced indexing here
+            x, b = x.index_select(0, where), b.index_select(0, where)
+        else:
+            x, b = x[where], b[where]
+        return task_vector(x, b.to(self.compute))
+
+    def keys(self, piece, where: slice) -> torch.Tensor:
+        x, b = piece
+        return self._keys(x[where], b[where])
+
+    def sample_keys(self, piece) -> torch.Tensor:
+        x, b = piece
+        return self._keys(_blocks(x), _blocks(b)).reshape(-1)
+
+    def _keys(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._bf16:
+            return torch.sub(x, b).view(torch.int16).bitwise_and_(0x7FFF)
+        return _buckets(task_vector(x, b.to(self.compute)))
+
+
+@dataclass
+class _Bracket:
+    """The entries of one task vector whose keys lie in [lo, hi] (gathered in position order) and the
+    number of keys above hi."""
+
+    lo: int
+    hi: int
+    above: int = 0
+    positions: list[torch.Tensor] = field(default_factory=list)
+    keys: list[np.ndarray] = field(default_factory=list)
+    magnitudes: list[torch.Tensor] = field(default_factory=list)
+
+
+def fit_top_k(vector: Deltas, selections: list[TopK], with_l1: bool = False) -> float:
+    """Fit the selections (threshold and cut of each) on one task vector; with `with_l1` the L1 norm each
+    keeps is computed too, and Σ|delta| over the whole vector is returned (else 0).
+
+    Two passes, neither a histogram of every entry (bincount serialises on the repeated keys of sparse
+    task vectors, and gathering a wide range of keys is slow where many entries hit): a strided sample
+    proposes a few key edges around the k-th largest; pass 1 counts exactly how many keys reach each
+    edge (numpy compares), which pins the k-th between two edges; pass 2 gathers only that narrow range.
+    When the sample misleads (the k-th lies outside its edges), an exact histogram finds the bucket
+    instead: the result never depends on the sample."""
     active = [s for s in selections if not s.trivial]
-    counts = torch.zeros(_BUCKETS, dtype=torch.int64)
+    if active:
+        # the keys of a tensor up to WHOLE_ELEMENTS are computed once and kept between the passes
+        keys = _KeySlices(vector, keep=active[0].n <= WHOLE_ELEMENTS)
+        brackets = _brackets(keys, active)
+        _gather(keys, brackets)
+        for selection, bracket in zip(active, brackets):
+            _settle(selection, bracket)
+    if not with_l1:
+        return 0.0
     total = 0.0
-    cached: dict[int, torch.Tensor] = {}  # bucket keys of a tensor that is a single chunk
-    n = selections[0].n if selections else 0
-    for s, delta in chunks():
-        keys = _buckets(delta.reshape(-1))
-        counts += torch.bincount(keys, minlength=_BUCKETS)
-        if with_l1:
-            total += float(torch.linalg.vector_norm(delta, 1, dtype=torch.float64))
-        if s.stop - s.start == n:  # the whole tensor: keep the keys for the second pass
-            cached[s.start] = keys
-    if not active:
-        return total
-    from_top = counts.flip(0).cumsum(0)
-    for selection in active:
-        position = int(torch.searchsorted(from_top, torch.tensor(selection.k, dtype=from_top.dtype)))
-        selection._bucket = _BUCKETS - 1 - position
-        selection._rank = selection.k - int(from_top[position] - counts[selection._bucket])
-    # Second pass: positions and values of the entries in each selection's bucket (few, unless they tie).
-    found: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {s._bucket: ([], []) for s in active}
-    for s, delta in chunks():
-        flat = delta.reshape(-1)
-        keys = cached.pop(s.start, None)
-        if keys is None:
-            keys = _buckets(flat)
-        for bucket, (positions, values) in found.items():
-            # numpy's flatnonzero: ~10× faster than torch.nonzero on CPU for scattered hits (measured)
-            inside = torch.from_numpy(np.flatnonzero(keys.numpy() == bucket))
-            positions.append(inside + s.start)
-            values.append(_magnitude(flat[inside]))
-    for selection in active:
-        positions = torch.cat(found[selection._bucket][0])
-        values = torch.cat(found[selection._bucket][1])
-        threshold = torch.kthvalue(values, values.numel() - selection._rank + 1).values
-        ties_kept = selection._rank - int(torch.count_nonzero(values > threshold))
-        ties = positions[values == threshold]  # in position order
-        selection.threshold = float(threshold)
-        selection.cut = selection.n if ties_kept == ties.numel() else int(ties[ties_kept - 1]) + 1
-    if with_l1:
-        kept_l1 = {id(selection): 0.0 for selection in active}
-        for s, delta in chunks():
-            for selection in active:
-                kept_l1[id(selection)] += float(selection.keep(s, delta.reshape(-1)).abs().sum(dtype=torch.float64))
+    kept_l1 = {id(s): 0.0 for s in active}
+    for s, piece in vector.pieces():
+        delta = vector.delta(piece, slice(None))
+        total += float(torch.linalg.vector_norm(delta, 1, dtype=torch.float64))
         for selection in active:
-            selection.kept_l1 = kept_l1[id(selection)]
+            kept_l1[id(selection)] += float(selection.keep(s, delta).abs().sum(dtype=torch.float64))
+    for selection in active:
+        selection.kept_l1 = kept_l1[id(selection)]
     return total
+
+
+class _KeySlices:
+    """The keys of a task vector by slices of GATHER_ELEMENTS: (flat offset, piece, slice in the piece, keys)
+    per slice, computed on each pass or, with `keep`, on the first one only."""
+
+    def __init__(self, vector: Deltas, keep: bool):
+        self.vector = vector
+        self._kept: list[tuple[int, object, slice, np.ndarray]] | None = [] if keep else None
+        self._complete = False
+
+    def __iter__(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
+        if self._complete:
+            yield from self._kept
+            return
+        for s, piece in self.vector.pieces():
+            for u in sub_slices(slice(0, s.stop - s.start), GATHER_ELEMENTS):
+                item = (s.start + u.start, piece, u, self.vector.keys(piece, u).numpy())
+                if self._kept is not None:
+                    self._kept.append(item)
+                yield item
+        self._complete = self._kept is not None
+
+
+def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
+    """Per selection, a range of keys holding its k-th largest and the exact count of keys above it."""
+    n = selections[0].n
+    if n <= SAMPLE_STRIDE * SAMPLE_BLOCK * 16:  # too few to sample: gather everything
+        return [_Bracket(0, _BUCKETS - 1) for _ in selections]
+    edges = _sample_edges(keys.vector, selections)
+    reached = [np.zeros(len(e), dtype=np.int64) for e in edges]  # keys ≥ each edge
+    for _, _, _, values in keys:
+        for count, selection_edges in zip(reached, edges):
+            for j, edge in enumerate(selection_edges):
+                count[j] += np.count_nonzero(values >= edge)
+    brackets: list[_Bracket | None] = []
+    for selection, selection_edges, count in zip(selections, edges, reached):
+        j = int(np.searchsorted(count, selection.k))  # first edge that k keys reach (counts ascend)
+        if 0 < j < len(count):
+            brackets.append(_Bracket(selection_edges[j], selection_edges[j - 1] - 1, int(count[j - 1])))
+        else:
+            brackets.append(None)
+    missed = [i for i, b in enumerate(brackets) if b is None]
+    if missed:
+        for i, bracket in zip(missed, _exact_brackets(keys, [selections[i] for i in missed])):
+            brackets[i] = bracket
+    return brackets
+
+
+def _sample_edges(vector: Deltas, selections: list[TopK]) -> list[list[int]]:
+    """Per selection, descending keys around its k-th largest from a strided sample: the sample's ranks
+    k·m/n ± 5 standard deviations of a binomial count (m sampled of n), plus a few, and up to
+    SAMPLE_EDGES ranks between (fewer where they share a bucket). The first edge is one above the key at
+    the top rank, so that fewer than k keys reach it unless the sample misleads."""
+    n = selections[0].n
+    sample = torch.cat([vector.sample_keys(piece) for _, piece in vector.pieces()])
+    m = sample.numel()
+    from_top = np.bincount(sample.numpy(), minlength=_BUCKETS)[::-1].cumsum()
+    edges = []
+    for selection in selections:
+        p = selection.k / n
+        expected, spread = p * m, 5 * math.sqrt(m * p * (1 - p)) + 8
+        ranks = np.linspace(max(1.0, expected - spread), min(float(m), expected + spread), SAMPLE_EDGES).astype(np.int64)
+        keys = _BUCKETS - 1 - np.searchsorted(from_top, ranks)  # the sample's key at each rank (descending)
+        # Python ints: a numpy int64 edge would promote every int16 key it is compared with
+        edges.append([int(e) for e in np.unique(np.append(keys, min(int(keys[0]) + 1, _BUCKETS)))[::-1]])
+    return edges
+
+
+def _exact_brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
+    """Per selection, the single bucket holding its k-th largest key, from a histogram of every key."""
+    counts = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for _, _, _, values in keys:
+        counts += torch.bincount(torch.from_numpy(values), minlength=_BUCKETS)
+    from_top = counts.flip(0).cumsum(0).numpy()
+    brackets = []
+    for selection in selections:
+        position = int(np.searchsorted(from_top, selection.k))
+        bucket = _BUCKETS - 1 - position
+        brackets.append(_Bracket(bucket, bucket, int(from_top[position] - counts[bucket])))
+    return brackets
+
+
+def _gather(keys: _KeySlices, brackets: list[_Bracket]) -> None:
+    """One pass: positions, keys and exact magnitudes of the entries inside each bracket."""
+    for offset, piece, u, values in keys:
+        for b in brackets:
+            # lo ≤ key ≤ hi in one compare: key − lo wraps to a large uint16 below lo
+            inside = np.flatnonzero(np.subtract(values, b.lo, dtype=np.int16).view(np.uint16) <= b.hi - b.lo)
+            if inside.size:
+                where = torch.from_numpy(inside)
+                b.positions.append(where + offset)
+                b.keys.append(values[inside])
+                b.magnitudes.append(keys.vector.delta(piece, where + u.start).abs())
+
+
+def _settle(selection: TopK, bracket: _Bracket) -> None:
+    """Threshold and cut of `selection` from its gathered bracket (which holds the k-th largest)."""
+    need = selection.k - bracket.above  # rank of the k-th largest among the bracket's entries (from the top)
+    keys = np.concatenate(bracket.keys)
+    counts = np.bincount(keys - bracket.lo, minlength=bracket.hi - bracket.lo + 1)
+    from_top = counts[::-1].cumsum()
+    position = int(np.searchsorted(from_top, need))
+    bucket = bracket.hi - position
+    rank = need - int(from_top[position] - counts[bucket - bracket.lo])  # rank inside the bucket
+    in_bucket = torch.from_numpy(keys == bucket)
+    values = torch.cat(bracket.magnitudes)[in_bucket]
+    positions = torch.cat(bracket.positions)[in_bucket]
+    threshold = torch.kthvalue(values, values.numel() - rank + 1).values
+    ties_kept = rank - int(torch.count_nonzero(values > threshold))
+    ties = positions[values == threshold]  # in position order
+    selection.threshold = float(threshold)
+    selection.cut = selection.n if ties_kept == ties.numel() else int(ties[ties_kept - 1]) + 1
 
 
 @dataclass
@@ -182,16 +361,16 @@ def _l1_ratio(before: float, after: float) -> float:
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
-def magnitude_selection(chunks: Chunks, n: int, density: float, rescale: bool) -> Selection:
+def magnitude_selection(vector: Deltas, n: int, density: float, rescale: bool) -> Selection:
     """TIES trimming: keep the max(1, ⌊density·n⌋) entries of largest |delta|."""
     if density >= 1 or n == 0:
         return KEEP_ALL
     top = TopK(max(1, int(density * n)), n)
-    total = fit_top_k(chunks, [top], with_l1=rescale)
+    total = fit_top_k(vector, [top], with_l1=rescale)
     return Selection(top.keep, _l1_ratio(total, top.kept_l1) if rescale else 1.0)
 
 
-def breadcrumbs_selection(chunks: Chunks, n: int, density: float, gamma: float, rescale: bool) -> Selection:
+def breadcrumbs_selection(vector: Deltas, n: int, density: float, gamma: float, rescale: bool) -> Selection:
     """Model breadcrumbs: drop the ⌊gamma·n⌋ largest |delta| (outliers) and the smallest; keep ⌊density·n⌋.
 
     When density + gamma > 1 fewer outliers are dropped, so ⌊density·n⌋ entries are always kept.
@@ -201,7 +380,7 @@ def breadcrumbs_selection(chunks: Chunks, n: int, density: float, gamma: float, 
     target = int(density * n)
     smallest = max(0, n - target - int(gamma * n))
     upper, outliers = TopK(n - smallest, n), TopK(n - smallest - target, n)
-    total = fit_top_k(chunks, [upper, outliers], with_l1=rescale)
+    total = fit_top_k(vector, [upper, outliers], with_l1=rescale)
 
     def keep(s: slice, delta: torch.Tensor) -> torch.Tensor:
         return upper.keep(s, delta) - outliers.keep(s, delta)  # the outliers are in both: they cancel

@@ -329,7 +329,7 @@ def _top_entries(flat: torch.Tensor, density: float) -> torch.Tensor:
         return torch.nonzero(flat).squeeze(1)
     top = sparsify.TopK(k, n)
     whole = slice(0, n)
-    sparsify.fit_top_k(lambda: iter([(whole, flat)]), [top])
+    sparsify.fit_top_k(sparsify.Deltas(lambda: iter([(whole, flat)])), [top])
     return torch.nonzero(top.keep(whole, flat)).squeeze(1)
 
 
@@ -365,7 +365,7 @@ def _sparse_global(
             yield slice(start, start + numel), phi.reshape(-1)
 
     if not keep_all:
-        sparsify.fit_top_k(chunks, [top])
+        sparsify.fit_top_k(sparsify.Deltas(chunks), [top])
     records: list[TensorFidelity] = []
     with progress_bar(len(changed), "extract sparse: write", "tensor", enabled=progress) as bar:
         bar.leave = False  # a step: the summary printed at the end is what stays
