@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,8 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 ALL = ("oracle", "centroid", "mlp")
+GATE1536 = {"experts": 1536, "top_k": 768, "router": "gate", "score": "output", "gate_up_scale": True,
+            "partition": "random", "kernel": "masked"}
 # name -> (MoEfier parameters, routers to score). The budget is the fraction of FFN neurons computed
 # per token: 25 % for MiniLM (16 experts, top-4), 50 % for SmolLM2 (16 experts, top-8).
 CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
@@ -81,6 +86,11 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
         "heal_ffn_800": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 5, "heal_steps": 800,
                           "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 200_000, "heal_lr": 3e-3,
                           "heal_ffn_lr": 3e-4}, ("mlp",)),
+        # the best measured: experts' matrices trained in the layer-wise phase too, 15 epochs, 550 steps
+        # (~12.7 CPU-minutes of healing at 1 thread)
+        "heal_lffn15_550": ({"compensation": True, "lora_rank": 64, "layer_heal_epochs": 15, "heal_steps": 550,
+                             "heal_hidden": 1.0, "heal_biases": True, "heal_tokens": 200_000, "heal_lr": 3e-3,
+                             "heal_ffn_lr": 3e-4, "layer_heal_ffn_lr": 1e-3}, ("mlp",)),
     },
     "smollm2": {
         "base50": ({"experts": 16, "top_k": 8}, ALL),
@@ -91,12 +101,71 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
                         ("mlp",)),
         "heal50": ({"experts": 64, "top_k": 32, "score": "output", "lora_rank": 32, "layer_heal_epochs": 5,
                     "heal_steps": 100, "heal_lr": 1e-3}, ("mlp",)),
+        # gate router (GLU: the FFN's own gate activations, computed for every neuron and reused; no training)
+        "gate16_50": ({"experts": 16, "top_k": 8, "router": "gate", "score": "output"}, ("gate",)),
+        "gate64_50": ({"experts": 64, "top_k": 32, "router": "gate", "score": "output"}, ("gate",)),
+        "gate192_50": ({"experts": 192, "top_k": 96, "router": "gate", "score": "output"}, ("gate",)),
+        "gate384_50": ({"experts": 384, "top_k": 192, "router": "gate", "score": "output"}, ("gate",)),
+        "gate16_50_up": ({"experts": 16, "top_k": 8, "router": "gate", "score": "output", "gate_up_scale": True},
+                         ("gate",)),
+        "gate64_50_up": ({"experts": 64, "top_k": 32, "router": "gate", "score": "output", "gate_up_scale": True},
+                         ("gate",)),
+        "gate192_50_up": ({"experts": 192, "top_k": 96, "router": "gate", "score": "output", "gate_up_scale": True},
+                          ("gate",)),
+        "gate384_50_up": ({"experts": 384, "top_k": 192, "router": "gate", "score": "output", "gate_up_scale": True},
+                          ("gate",)),
+        "gate384_50_up_coact": ({"experts": 384, "top_k": 192, "router": "gate", "score": "output",
+                                 "gate_up_scale": True, "partition": "coactivation"}, ("gate",)),
+        # one neuron per expert (the per-neuron gate selection, CATS/TEAL-style), computed with the masked kernel
+        # (the same function densely: evaluation only); then the cheap layer-wise levers on top
+        "gate1536_50_up": ({**GATE1536}, ("gate",)),
+        "gate1536_50_comp": ({**GATE1536, "compensation": True}, ("gate",)),
+        "gate1536_50_lora64": ({**GATE1536, "compensation": True, "lora_rank": 64}, ("gate",)),
+        "gate1536_50_layerheal": ({**GATE1536, "compensation": True, "lora_rank": 64, "layer_heal_epochs": 3},
+                                  ("gate",)),
+        "gate1536_50_lora64_nocomp": ({**GATE1536, "lora_rank": 64}, ("gate",)),
+        "gate384_50_lora64": ({"experts": 384, "top_k": 192, "router": "gate", "score": "output",
+                               "gate_up_scale": True, "compensation": True, "lora_rank": 64}, ("gate",)),
+        "gate1536_50_thr": ({**GATE1536, "routing": "threshold"}, ("gate",)),
+        "gate1536_50_thr_lora64": ({**GATE1536, "routing": "threshold", "compensation": True, "lora_rank": 64},
+                                   ("gate",)),
+        "gate192_50_thr": ({"experts": 192, "top_k": 96, "router": "gate", "score": "output", "routing": "threshold"},
+                           ("gate",)),
         "heal50_budget": ({"experts": 64, "top_k": 32, "score": "output", "compensation": True, "lora_rank": 32,
                            "layer_heal_epochs": 0, "heal_steps": 40, "heal_hidden": 1.0, "heal_lr": 3e-3,
                            "heal_ffn_lr": 3e-4}, ("mlp",)),
     },
 }
 NEURON_ORACLE = {"minilm": (0.25, 0.5), "smollm2": (0.5, 0.25)}
+
+
+@contextmanager
+def per_neuron_gate(model: Any, fraction: float, up_rms: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """The gate router at one-neuron granularity (CATS/TEAL-style, the limit of finer experts): every token
+    keeps its top `fraction` of neurons by |act(W_gate x)|·‖W_down col‖ (× the up projection's calibration
+    RMS with `up_rms`). Dense compute: for evaluation only."""
+    from posthoc.analyse.ffn import find_ffns
+
+    ffns = find_ffns(model)
+    saved = []
+    for f in ffns:
+        gate, up, down = (model.get_submodule(p) for p in (f.gate, f.up, f.down))
+        weight = down.weight.detach().float().norm(dim=0) * (1 if up_rms is None else up_rms[f.index])
+        block = model.get_submodule(f.up.rpartition(".")[0])
+
+        def forward(x, gate=gate, up=up, down=down, weight=weight, act=block.act_fn):
+            a = act(gate(x))
+            k = max(1, round(fraction * a.shape[-1]))
+            keep = torch.zeros_like(a).scatter_(-1, (a.abs() * weight).topk(k, dim=-1).indices, 1.0)
+            return down(a * keep * up(x))
+
+        saved.append((block, block.forward))
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, original in saved:
+            block.forward = original
 
 
 def statistics(setting: dict[str, Any]) -> list[Any]:
@@ -136,7 +205,24 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
     model, tok, calib, acts, scorer, setting = prepare(name)
     print(f"dense: {scorer.dense}", flush=True)
     for config in configs:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
+        if config.startswith("gateneurons"):  # gate router per neuron, e.g. gateneurons50 / gateneurons50up
+            fraction = int(config[len("gateneurons"):].removesuffix("up")) / 100
+            up_rms = None
+            if config.endswith("up"):
+                up_rms = {}
+                for f in acts.ffns:
+                    x = acts.result(f.index, "inputs")["x"].float()
+                    u = model.get_submodule(f.up)
+                    up_rms[f.index] = torch.cat([u(x[j : j + 4096]).detach() for j in range(0, len(x), 4096)]
+                                                ).square().mean(0).sqrt()
+            with per_neuron_gate(model, fraction, up_rms):
+                scores = scorer.score()
+            record(name, {"config": config, "router": "per-neuron gate", "neurons": fraction, **scores,
+                          "eval_s": round(time.perf_counter() - started, 1),
+                          "eval_cpu_s": round(time.process_time() - cpu, 1), "load": os.getloadavg()[0],
+                          "at": time.strftime("%H:%M:%S", time.gmtime())})
+            continue
         if config.startswith("neurons"):  # per-token, per-neuron oracle at this fraction, e.g. neurons25
             fraction = int(config[len("neurons"):]) / 100
             with per_neuron_oracle(model, fraction, score="output"):
@@ -149,11 +235,11 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
                     "max_length": setting["max_length"], "heal_batch_size": 8 if name == "minilm" else 4,
                     "progress": False, "threads": 1, **params}
         moe = MoEfier(**settings).fit(model, calib, tokenizer=tok, activations=acts)
-        fit_s = time.perf_counter() - started
+        fit_s, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
         for router in routers:
             if router != moe.router and router != "oracle" and router not in moe.routers_[0]:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fitted = router == moe.router  # per-layer k, thresholds and healing belong to the fitted router
             has_heal = any(moe.heal_state_ or [])
             for healed in ((False, True) if fitted and has_heal else (False,)):
@@ -167,8 +253,10 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
                               "recall": [r.get(router) for r in moe.recall_], "fit_s": round(fit_s, 1),
                               "timings": {k: round(v, 1) for k, v in moe.timings_.items()},
                               "heal": {k: v for k, v in (moe.heal_log_ or {}).items() if k != "losses"},
-                              "eval_s": round(time.perf_counter() - t0, 1)})
-                t0 = time.perf_counter()
+                              "fit_cpu_s": round(fit_cpu, 1), "eval_s": round(time.perf_counter() - t0, 1),
+                              "eval_cpu_s": round(time.process_time() - c0, 1), "load": os.getloadavg()[0],
+                              "at": time.strftime("%H:%M:%S", time.gmtime())})
+                t0, c0 = time.perf_counter(), time.process_time()
 
 
 def table(name: str) -> str:
@@ -187,13 +275,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--configs", default="", help="comma-separated names (see CONFIGS) or neuronsNN")
-    parser.add_argument("--params", help="JSON MoEfier parameters of one more configuration, run with the MLP "
-                                         "router and recorded under --name (e.g. '{\"heal_steps\": 50}')")
+    parser.add_argument("--params", help="JSON MoEfier parameters of one more configuration, scored with its "
+                                         "router (default mlp) and recorded under --name (e.g. '{\"heal_steps\": 50}')")
     parser.add_argument("--name", default="custom", help="name of the --params configuration")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
         print(table(args.model))
     else:
-        extra = {args.name: (json.loads(args.params), ("mlp",))} if args.params else {}
+        params = json.loads(args.params) if args.params else None
+        extra = {args.name: (params, (params.get("router", "mlp"),))} if params else {}
         run(args.model, [c for c in args.configs.split(",") if c] + list(extra), extra)

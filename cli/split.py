@@ -52,8 +52,8 @@ def _moe_table() -> ParamTable:
 
 
 MOE_OPTIONS = (
-    "experts", "top_k", "partition", "router", "shared", "score", "routing", "layer_budget", "compensation",
-    "layer_heal_epochs", "heal_steps", "heal_lr", "lora_rank", "heal_batch_size", "heal_tokens", "heal_hidden",
+    "experts", "top_k", "partition", "router", "gate_up_scale", "kernel", "shared", "score", "routing", "layer_budget", "compensation",
+    "layer_heal_epochs", "layer_heal_ffn_lr", "heal_steps", "heal_lr", "lora_rank", "heal_batch_size", "heal_tokens", "heal_hidden",
     "heal_biases", "heal_ffn_lr", "max_tokens", "router_tokens", "router_epochs", "kmeans_rows",
     "coactivation_fraction", "max_length", "batch_size", "seed", "ffn_modules", "threads",
 )

@@ -26,7 +26,8 @@ def load(
     """The model in `path` with MoE layers (a torch module in eval mode; with its tokenizer if asked).
 
     top_k: experts per token in every layer (default: what was fitted, per-layer budgets and threshold
-    routing included); router: "mlp", "centroid" (whichever were trained) or "oracle" (every neuron is
+    routing included); router: "mlp", "centroid", "gate" (GLU FFNs: the FFN's own gate activations; whichever
+    were fitted) or "oracle" (every neuron is
     computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
     the model computes the dense function (to float round-off).
 

@@ -10,9 +10,10 @@ What `fit` does, per FFN (one streaming pass over the calibration text collects 
 2. shared expert (optional): the `shared` fraction of neurons most often among a token's top neurons
    (CMoE) are computed for every token;
 3. partition of the other neurons into E experts (`posthoc.analyse.partition`);
-4. routers on the sampled inputs: the centroid router (free) and, if asked, MoEfication's MLP router
-   trained to predict every expert's activation mass (normalised by the token's largest), 90/10 split
-   with early stopping; the oracle needs no training (it computes every neuron: evaluation only);
+4. routers on the sampled inputs: the centroid router (free), for GLU FFNs the gate router (free: the
+   FFN's own gate activations, see `GateRouter`) and, if asked, MoEfication's MLP router trained to
+   predict every expert's activation mass (normalised by the token's largest), 90/10 split with early
+   stopping; the oracle needs no training (it computes every neuron: evaluation only);
 5. levers for non-ReLU models: per-layer budgets (greedy on the relative output error), threshold
    routing (a variable number of experts per token at the same average), compensation of skipped
    experts by their calibration-mean output; then optional healing (`posthoc.analyse.heal`).
@@ -37,9 +38,11 @@ from posthoc.analyse.activations import ActiveCounts, CoActivation, InputSample,
 from posthoc.analyse.calibration import CalibrationData
 from posthoc.analyse.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
 from posthoc.analyse.moe_layers import (
+    HEALED_THRESHOLD,
     ROUTERS,
     ROUTINGS,
     CentroidRouter,
+    GateRouter,
     MLPRouter,
     MoEFFN,
     install_moe,
@@ -58,7 +61,15 @@ PARAMS = ParamTable("MoEfier", [
     Param("top_k", 4, "an int in [1, experts]", lambda v, p: is_int(v) and 1 <= v <= p.get("experts", 16),
           "Experts computed per token (the average, with threshold routing or per-layer budgets)."),
     choice("partition", "kmeans", PARTITIONS, "How neurons are grouped into experts."),
-    choice("router", "mlp", ROUTERS, "Router used at run time (oracle computes every neuron: evaluation only)."),
+    choice("router", "mlp", ROUTERS, "Router used at run time: gate (GLU FFNs only, no training) scores experts from "
+           "the FFN's own gate activations, computed for every neuron and reused; oracle computes every neuron "
+           "(evaluation only)."),
+    choice("kernel", "grouped", ("grouped", "masked"),
+           "Gate router: grouped computes only the chosen experts; masked computes the same function densely "
+           "with a mask (evaluation of very fine experts, e.g. one neuron each: no speed-up)."),
+    Param("gate_up_scale", False, "a bool", lambda v, p: isinstance(v, bool),
+          "Gate router: weight each neuron's |gate| by the calibration RMS of its up projection too (estimates "
+          "|h| rather than |act(gate)|)."),
     Param("shared", 0.0, "a number in [0, 1)", lambda v, p: is_number(v) and 0 <= v < 1,
           "Fraction of neurons in an always-on shared expert (the most often active ones)."),
     choice("score", "magnitude", SCORES, "Neuron activation score: |h| or output-aware |h|·‖W_down column‖."),
@@ -73,6 +84,9 @@ PARAMS = ParamTable("MoEfier", [
     Param("layer_heal_epochs", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
           "Epochs of layer-wise distillation (FFN output MSE on the cached calibration inputs) of routers, "
           "expert scales and LoRA: cheap, no backpropagation through the model."),
+    Param("layer_heal_ffn_lr", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
+          "Rate for the experts' own matrices in the layer-wise phase (0: frozen there); 1e-3 measured on "
+          "MiniLM (the largest single healing gain found there)."),
     Param("heal_steps", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
           "Steps of whole-model distillation of routers, expert scales (and LoRA) towards the dense model."),
     Param("heal_lr", 1e-3, "a number > 0", lambda v, p: is_number(v) and v > 0,
@@ -188,6 +202,11 @@ class MoEfier:
 
     def _check_shapes(self, model: nn.Module) -> None:
         for ffn in self.ffns_:
+            if self.router == "gate" and ffn.gate is None:
+                raise ConfigError(
+                    f"--router gate needs GLU FFNs (gate_proj/up_proj/down_proj, e.g. Llama's SwiGLU); {ffn.name} has "
+                    "no gate projection: use --router mlp (or centroid)"
+                )
             d_ff = ffn.modules(model)[0].out_features
             n_shared = round(self.shared * d_ff)
             routed = d_ff - n_shared
@@ -307,6 +326,11 @@ class MoEfier:
         with torch.no_grad():
             centroid.weight.copy_(self._centroids(pw, sizes, n_shared))
         routers: dict[str, nn.Module] = {"centroid": centroid}
+        inputs = {"centroid": x}  # what each router reads: x, or the activated gates of the routed neurons
+        if pw.gate is not None:
+            routers["gate"] = self._gate_router(pw, sizes, n_shared, x)
+            inputs["gate"] = torch.cat([gate_activations(pw, x[j : j + 4096])[:, n_shared:]
+                                        for j in range(0, x.shape[0], 4096)])
         mass = expert_mass(pw, sizes, n_shared, x, self.score)  # (n, E)
         n = x.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + index))
@@ -325,8 +349,22 @@ class MoEfier:
                                  seed=self.seed + index)
             routers["mlp"] = mlp
         k = min(self.top_k, e)
-        recall = {name: router_recall(r(x[val]).detach(), mass[val], k) for name, r in routers.items()}
+        recall = {name: router_recall(r(inputs.get(name, x)[val]).detach(), mass[val], k) for name, r in routers.items()}
         return routers, recall, curve
+
+    def _gate_router(self, pw: FFNWeights, sizes: list[int], n_shared: int, x: torch.Tensor) -> GateRouter:
+        """The gate router's neuron weights: ‖W_down[:, i]‖ ('output' score; 1 with 'magnitude'), times the
+        RMS of u_i·x over the calibration sample with `gate_up_scale`."""
+        router = GateRouter(sizes)
+        weight = pw.down_norms() if self.score == "output" else torch.ones(pw.d_ff)
+        if self.gate_up_scale:
+            square = torch.zeros(pw.d_ff)
+            for j in range(0, x.shape[0], 4096):
+                square += nn.functional.linear(x[j : j + 4096], pw.up.float(), pw.up_bias).square().sum(0)
+            weight = weight * (square / x.shape[0]).sqrt()
+        with torch.no_grad():
+            router.weight.copy_(weight[n_shared:])
+        return router.eval()
 
     def _fit_budgets(self, model: nn.Module, samples: list[torch.Tensor]) -> None:
         """Per-layer k (uniform or greedy), thresholds for threshold routing, compensation vectors."""
@@ -369,13 +407,17 @@ class MoEfier:
         routing = self.routing if (threshold is not None and top_k is None) else "topk"
         layer = MoEFFN(w, self.sizes_[i], self.shared_[i], module, top_k=k, routing=routing, threshold=threshold,
                        score=self.score, lora_rank=self.lora_rank)
+        layer.masked = layer.gated and self.kernel == "masked"
         comp = getattr(self, "compensation_", None)
         if comp is not None:
             layer.compensation.copy_(comp[i])
             layer.use_compensation = True
-        state = getattr(self, "heal_state_", None)
-        if state and state[i]:
-            layer.load_state_dict(state[i], strict=False)
+        state = dict((getattr(self, "heal_state_", None) or [{}] * (i + 1))[i])
+        healed_threshold = state.pop(HEALED_THRESHOLD, None)
+        if state:
+            layer.load_state_dict(state, strict=False)
+        if healed_threshold is not None and layer.routing == "threshold":
+            layer.threshold = float(healed_threshold)
         return layer.eval()
 
     def apply(
@@ -431,6 +473,11 @@ def _ends(sizes: list[int]) -> list[int]:
         total += s
         out.append(total)
     return out
+
+
+def gate_activations(pw: FFNWeights, x: torch.Tensor) -> torch.Tensor:
+    """act(W_gate x + b) of every neuron (n, d_ff): what the gate router reads (GLU FFNs)."""
+    return pw.act(nn.functional.linear(x, pw.gate.float(), pw.gate_bias))
 
 
 def expert_mass(pw: FFNWeights, sizes: list[int], n_shared: int, x: torch.Tensor, score: str) -> torch.Tensor:
@@ -535,12 +582,9 @@ def skipped_means(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     """(E, d): each expert's mean output over the sampled tokens on which the router skips it (FLAP's
     bias compensation, conditioned on being skipped: at run time Σ_{e∉S(x)} c_e is added)."""
     tokens, experts = layer.select(layer.router_scores(x))
-    chosen = torch.zeros(x.shape[0], layer.experts, dtype=torch.bool)
-    chosen[tokens, experts] = True
-    h = layer.hidden_all(x)
-    out = torch.zeros(layer.experts, layer.d_model)
-    for e, (lo, hi) in enumerate(zip(layer.offsets[:-1], layer.offsets[1:])):
-        skipped = ~chosen[:, e]
-        if skipped.any():
-            out[e] = h[skipped, lo:hi].mean(0) @ layer.down_t[lo:hi]
-    return out
+    skipped = torch.ones(x.shape[0], layer.experts)
+    skipped[tokens, experts] = 0
+    h = layer.hidden_all(x)[:, layer.shared :]  # (n, routed neurons)
+    index = torch.repeat_interleave(torch.arange(layer.experts), torch.tensor(layer.sizes))
+    means = (skipped[:, index] * h).sum(0) / skipped.sum(0)[index].clamp(min=1)  # per neuron, over skipping tokens
+    return torch.zeros(layer.experts, layer.d_model).index_add_(0, index, means[:, None] * layer.down_t[layer.shared :])

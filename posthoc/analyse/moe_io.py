@@ -6,7 +6,8 @@
                           expert-contiguous order (rows of W_up/W_gate and their biases, columns of
                           W_down): transformers loads it as the same dense model, same function
       experts.safetensors per FFN i: `i.order` (new position j holds input neuron order[j]), `i.sizes`,
-                          `i.router.<kind>.<param>` (centroid, mlp), `i.compensation`, `i.heal.<param>`
+                          `i.router.<kind>.<param>` (centroid, mlp, gate: its neuron weights),
+                          `i.compensation`, `i.heal.<param>`
       experts.json        structure: format version, parameters, FFN module paths, per-layer sizes,
                           shared neurons, top_k, thresholds, router recall; calibration and timings
       module.json         a posthoc module of kind "experts" (posthoc/modules/format.py): its base is the
@@ -221,7 +222,7 @@ def read_output(cls: Any, directory: Path) -> Any:
     for i, layer in enumerate(layers):
         routers = {}
         for kind, shape in layer["routers"].items():
-            router = make_router(kind, d, len(moe.sizes_[i]), shape.get("hidden"))
+            router = make_router(kind, d, len(moe.sizes_[i]), shape.get("hidden"), sizes=moe.sizes_[i])
             prefix = f"{i}.router.{kind}."
             router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             routers[kind] = router.eval()

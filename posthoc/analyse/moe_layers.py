@@ -14,6 +14,10 @@ per-layer threshold calibrated to an average of k experts ("threshold": a variab
 at least one). Tokens are grouped by expert: one gather, one matmul pair per expert, one scatter-add;
 no dense fallback. With k = E and no compensation/LoRA, y equals the dense FFN up to float round-off.
 
+Gate router (GLU FFNs, `GateRouter`): r(x) is computed from the FFN's own activated gates a = act(W_gate x)
+of every neuron; the chosen experts then compute only their up rows and down columns and reuse a, so
+nothing is computed twice (first_weight then holds all gate rows, then all up rows).
+
 Installation. `install_moe` puts the `MoEFFN` in place of the FFN's up-projection module and turns the
 gate and down projections into pass-throughs: the MoE output skips the (element-wise) activation code of
 the original block, which then runs on an empty (…, 0) tensor. This works for any FFN posthoc can find
@@ -31,8 +35,9 @@ from torch import nn
 from posthoc.analyse.ffn import FFN, FFNWeights, get_module
 from posthoc.errors import ConfigError
 
-ROUTERS = ("centroid", "mlp", "oracle")
+ROUTERS = ("centroid", "mlp", "gate", "oracle")
 ROUTINGS = ("topk", "threshold")
+HEALED_THRESHOLD = "healed_threshold"  # a healed router's own threshold, stored in its healing state
 _WORKSPACES = threading.local()  # per thread: {key: buffer}, see MoEFFN._workspace
 
 
@@ -61,7 +66,32 @@ class MLPRouter(nn.Module):
         return self.second(torch.tanh(self.first(x)))
 
 
-def make_router(kind: str, d: int, experts: int, hidden: int | None = None) -> nn.Module | None:
+class GateRouter(nn.Module):
+    """Gate router of GLU FFNs (CATS / TEAL-style): the FFN's own gate projection routes. The MoE layer
+    computes a = act(W_gate x) for every neuron (exact; a third of the dense FFN), this module scores each
+    routed expert by Σ_{i ∈ e} |a_i| · weight_i, and the layer computes up and down only for the chosen
+    experts, reusing a. weight_i is ‖W_down[:, i]‖ (output-aware; 1 with the 'magnitude' score), times the
+    calibration RMS of the neuron's up projection u_i·x when fitted with `gate_up_scale` (an estimate of
+    |h_i| = |a_i|·|u_i·x|·‖W_down[:, i]‖, the per-neuron oracle's score, from the gate alone).
+
+    sizes: routed expert sizes (neurons in expert order, shared neurons excluded)."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.experts = len(sizes)
+        self.weight = nn.Parameter(torch.ones(sum(sizes)))  # (routed neurons,)
+        self.register_buffer("index", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
+                             persistent=False)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # (T, routed neurons) activated gates -> (T, E)
+        s = a.abs() * self.weight.to(a.dtype)
+        return s.new_zeros(s.shape[0], self.experts).index_add_(1, self.index, s)
+
+
+def make_router(kind: str, d: int, experts: int, hidden: int | None = None, sizes: list[int] | None = None
+                ) -> nn.Module | None:
+    if kind == "gate":
+        return GateRouter(sizes if sizes is not None else [1] * experts)
     if kind == "centroid":
         return CentroidRouter(d, experts)
     if kind == "mlp":
@@ -103,12 +133,19 @@ class MoEFFN(nn.Module):
         self.act = weights.act
         self.glu = weights.gate is not None
         self.score = score
+        self.gated = isinstance(router, GateRouter)  # gate router: gate rows of every neuron, then up rows
+        if self.gated and not self.glu:
+            raise ConfigError("--router gate needs GLU FFNs (gate_proj/up_proj/down_proj, e.g. Llama's SwiGLU); "
+                              "this FFN has no gate projection: use --router mlp")
         # The first matrix, block by block (shared, expert 0, …): [gate rows; up rows] of the block for GLU
         # FFNs, up rows otherwise, so every expert's first matrix is one contiguous slice of rows
         # [first_start[e], first_start[e+1]) and each expert costs two plain matmuls.
         blocks = [(0, shared)] + [(self.offsets[e], self.offsets[e + 1]) for e in range(self.experts)]
         if self.glu:
-            rows = torch.cat([torch.arange(lo, hi) + j * self.d_ff for lo, hi in blocks for j in (0, 1)])
+            if self.gated:  # [all gate rows | all up rows]: the router reads every gate, experts slice the up rows
+                rows = torch.arange(2 * self.d_ff)
+            else:
+                rows = torch.cat([torch.arange(lo, hi) + j * self.d_ff for lo, hi in blocks for j in (0, 1)])
             stacked_w = torch.cat([weights.gate, weights.up], 0)
             zeros = torch.zeros(self.d_ff)
             has_bias = weights.gate_bias is not None or weights.up_bias is not None
@@ -138,6 +175,7 @@ class MoEFFN(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.d_model, lora_rank)) if lora_rank else None
         self.set_routing(top_k=top_k, routing=routing, threshold=threshold)
         self.dense = False  # True: compute every neuron (the dense FFN), for teachers and checks
+        self.masked = False  # gate router only: the chosen experts' function computed densely (evaluation)
         self.seen = [0, 0]  # tokens routed, (token, expert) pairs computed: the measured experts per token
 
     # ------------------------------------------------------------------------------------ settings
@@ -187,10 +225,18 @@ class MoEFFN(nn.Module):
         index = torch.repeat_interleave(torch.arange(self.experts, device=h.device), torch.tensor(self.sizes))
         return torch.zeros(h.shape[0], self.experts, dtype=s.dtype).index_add_(1, index, s)
 
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Activated gates a = act(W_gate x + b) of every neuron (T, d_ff), stored order (gate router only)."""
+        w = self.first_weight[: self.d_ff]
+        b = None if self.first_bias is None else self.first_bias[: self.d_ff]
+        return self.act(torch.addmm(b, x, w.T) if b is not None else x @ w.T)
+
     def router_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E): higher means more useful. The oracle computes the true masses (every neuron)."""
         if self.router is None:
             return self.expert_mass(self.hidden_all(x))
+        if self.gated:
+            return self.router(self.gates(x)[:, self.shared :])
         return self.router(x)
 
     def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +266,8 @@ class MoEFFN(nn.Module):
         return y.reshape(*shape[:-1], self.d_model)
 
     def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self._moe_gated(x)
         t = x.shape[0]
         if self.down_bias is not None:
             y = self.down_bias.expand(t, -1).clone()
@@ -273,6 +321,95 @@ class MoEFFN(nn.Module):
             y = y + (x @ self.lora_a.T) @ self.lora_b.T
         return y
 
+    def _moe_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate router's forward: every gate once, the router scores from them, then per chosen expert
+        only the up rows and the down columns (the gate values are gathered, not recomputed).
+
+        Cost per token: d·d_ff (gates) + the router's d_ff + 2·d·(neurons of the chosen experts): at a
+        fraction f of the neurons, 1/3 + 2/3·f of the dense FFN's matmuls."""
+        t, d_ff = x.shape[0], self.d_ff
+        up_w = self.first_weight[d_ff:]
+        up_b = None if self.first_bias is None else self.first_bias[d_ff:]
+        a = self.gates(x)  # (T, d_ff)
+        y = self.down_bias.expand(t, -1).clone() if self.down_bias is not None else x.new_zeros(t, self.d_model)
+        if self.shared:
+            u = x @ up_w[: self.shared].T
+            if up_b is not None:
+                u = u + up_b[: self.shared]
+            y = torch.addmm(y, a[:, : self.shared] * u, self.down_t[: self.shared])
+        scores = self.router(a[:, self.shared :])  # (T, E)
+        tokens, experts = self.select(scores)
+        self.seen[0] += t
+        self.seen[1] += len(tokens)
+        if self.masked:
+            y, chosen = self._masked_experts(x, y, a, up_w, up_b, scores, tokens, experts)
+            return self._extras(x, y, chosen)
+        order = experts.argsort(stable=True)
+        tokens, experts = tokens[order], experts[order]
+        counts = torch.bincount(experts, minlength=self.experts).tolist()
+        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+        if weighted:
+            scale = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
+        reuse = not torch.is_grad_enabled()
+        p = len(tokens)
+        if reuse:
+            xs = torch.index_select(x, 0, tokens, out=self._workspace("xs", p, x))
+            outs = self._workspace("out", p, x)
+        else:
+            xs, parts = x.index_select(0, tokens), []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            lo, hi = self.offsets[e], self.offsets[e + 1]
+            rows = tokens[start : start + n]
+            u = xs[start : start + n] @ up_w[lo:hi].T
+            if up_b is not None:
+                u = u + up_b[lo:hi]
+            h = a[:, lo:hi].index_select(0, rows) * u  # the gates computed once, gathered for these tokens
+            if reuse:
+                out = torch.mm(h, self.down_t[lo:hi], out=outs[start : start + n])
+                if weighted:
+                    out.mul_(scale[start : start + n, None])
+            else:
+                out = h @ self.down_t[lo:hi]
+                parts.append(out * scale[start : start + n, None] if weighted else out)
+            start += n
+        if p:
+            y = y.index_add(0, tokens, outs if reuse else torch.cat(parts))
+        chosen = None
+        if self.use_compensation:  # Σ_{e∉S} c_e as one (T, E) @ (E, d) matmul, not a (P, d) gather
+            chosen = torch.zeros(t, self.experts, dtype=x.dtype)
+            chosen[tokens, experts] = 1
+        return self._extras(x, y, chosen)
+
+    def _masked_experts(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, up_w: torch.Tensor,
+                        up_b: torch.Tensor | None, scores: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function as the grouped kernel, computed densely with a (T, routed neurons) mask: for
+        evaluating very fine experts (a few neurons each), where gathering every token's input once per
+        chosen expert costs more than the dense matmuls. No speed-up: evaluation only (`kernel='masked'`)."""
+        lo = self.shared
+        u = x @ up_w[lo:].T
+        if up_b is not None:
+            u = u + up_b[lo:]
+        chosen = torch.zeros(x.shape[0], self.experts, dtype=a.dtype)
+        chosen[tokens, experts] = 1
+        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+        scale = chosen * (1 + self.alpha * torch.sigmoid(scores)) if weighted else chosen  # (T, E)
+        neuron_mask = scale[:, self.router.index]  # (T, routed neurons)
+        return y + (a[:, lo:] * u * neuron_mask) @ self.down_t[lo:], chosen
+
+    def _extras(self, x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+        """Compensation of the skipped experts and the low-rank term (gate router). chosen: the (T, E) 0/1
+        choice matrix, given when compensating: Σ_{e∉S} c_e is then one (T, E) @ (E, d) matmul, not a (P, d)
+        gather (P = T·k pairs: gigabytes with hundreds of small experts)."""
+        if self.use_compensation and chosen is not None:
+            y = y + (1 - chosen) @ self.compensation
+        if self.lora_a is not None:
+            y = y + (x @ self.lora_a.T) @ self.lora_b.T
+        return y
+
     def _workspace(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, d_model) buffer kept between inference calls and shared by every MoE layer (they run one
         after the other), grown when a call needs more. One per thread, so concurrent forwards stay apart;
@@ -293,10 +430,11 @@ class MoEFFN(nn.Module):
 
 def unit_scores(layer: MoEFFN, scores: torch.Tensor) -> torch.Tensor:
     """Router scores mapped to [0, 1] with each token's best expert at 1 (threshold routing's scale):
-    the MLP router's predicted masses (sigmoid of its logits) and the oracle's true masses are divided
+    the MLP router's predicted masses (sigmoid of its logits), the gate router's estimated masses and the
+    oracle's true masses are divided
     by the token's largest; centroid similarities are min-max scaled per token."""
-    if layer.router is None or isinstance(layer.router, MLPRouter):
-        s = scores if layer.router is None else torch.sigmoid(scores)
+    if layer.router is None or isinstance(layer.router, (MLPRouter, GateRouter)):
+        s = torch.sigmoid(scores) if isinstance(layer.router, MLPRouter) else scores
     else:
         s = scores - scores.min(dim=1, keepdim=True).values
     return s / s.max(dim=1, keepdim=True).values.clamp(min=1e-12)

@@ -7,7 +7,7 @@ from typing import Any
 
 from posthoc.report import Report
 
-COLOURS = {"oracle": "#333333", "mlp": "#d62728", "centroid": "#1f77b4"}
+COLOURS = {"oracle": "#333333", "mlp": "#d62728", "centroid": "#1f77b4", "gate": "#2ca02c"}
 STYLES = {"kmeans": "-", "random": ":", "coactivation": "--"}
 
 

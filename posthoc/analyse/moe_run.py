@@ -85,7 +85,7 @@ def moefy(
                             max_length=moe.max_length, max_tokens=eval_tokens)
             dense = dict(scorer.dense)
             ks = ks_for(moe.experts)
-            routers = ["oracle", "centroid"] + (["mlp"] if moe.router == "mlp" else [])
+            routers = ["oracle", "centroid"] + ([moe.router] if moe.router in ("mlp", "gate") else [])
             healed = moe.heal_log_ is not None
             rows += sweep(moe, net, scorer, routers=routers, ks=ks, healed=False, label=moe.partition)
             if healed:
