@@ -5,11 +5,11 @@ the inputs, the output and a few chunk-sized temporaries. Selections that depend
 (the top-k magnitudes of TIES and breadcrumbs, the L1 norms of a rescale) are fitted first:
 
 - `TopK` finds the k largest magnitudes exactly without sorting. Magnitudes are bucketed by their
-  bfloat16 bit patterns (order-preserving for non-negative floats); a strided sample brackets the bucket
-  of the k-th largest, one pass counts the entries above the bracket and gathers those inside, and
-  `kthvalue` on the k-th's bucket gives the exact threshold. Among entries equal to the threshold the
-  lower flat indices are kept, so exactly k entries survive whatever the chunking (ties are common: bf16
-  task vectors take few values).
+  bfloat16 bit patterns (order-preserving for non-negative floats); a sample proposes a few bucket edges
+  around the k-th largest, one pass counts exactly the entries reaching each edge, a second gathers the
+  few between the two edges that hold the k-th, and `kthvalue` on its bucket gives the exact threshold.
+  Among entries equal to the threshold the lower flat indices are kept, so exactly k entries survive
+  whatever the chunking (ties are common: bf16 task vectors take few values).
 - Random selections (DARE, DELLA) draw from a generator whose state is saved after fitting and replayed,
   so both passes see the same mask and a seed gives the same merge.
 """
@@ -54,10 +54,6 @@ def sub_slices(s: slice, size: int | None = None) -> list[slice]:
     tensor of 2.9 M entries, 2× faster than the same operations on the whole tensor."""
     size = size or SLICE_ELEMENTS
     return [slice(i, min(i + size, s.stop)) for i in range(s.start, s.stop, size)]
-
-
-def _magnitude(delta: torch.Tensor) -> torch.Tensor:
-    return delta.abs().reshape(-1)
 
 
 def _buckets(values: torch.Tensor) -> torch.Tensor:
@@ -204,7 +200,7 @@ def fit_top_k(vector: Deltas, selections: list[TopK], with_l1: bool = False) -> 
     keeps is computed too, and Σ|delta| over the whole vector is returned (else 0).
 
     Two passes, neither a histogram of every entry (bincount serialises on the repeated keys of sparse
-    task vectors, and gathering a wide range of keys is slow where many entries hit): a strided sample
+    task vectors, and gathering a wide range of keys is slow where many entries hit): a block sample
     proposes a few key edges around the k-th largest; pass 1 counts exactly how many keys reach each
     edge (numpy compares), which pins the k-th between two edges; pass 2 gathers only that narrow range.
     When the sample misleads (the k-th lies outside its edges), an exact histogram finds the bucket
@@ -259,6 +255,8 @@ def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
     if n <= SAMPLE_STRIDE * SAMPLE_BLOCK * 16:  # too few to sample: gather everything
         return [_Bracket(0, _BUCKETS - 1) for _ in selections]
     edges = _sample_edges(keys.vector, selections)
+    if edges is None:  # pieces too small to sample (tiny chunks): the exact histogram
+        return _exact_brackets(keys, selections)
     reached = [np.zeros(len(e), dtype=np.int64) for e in edges]  # keys ≥ each edge
     for _, _, _, values in keys:
         for count, selection_edges in zip(reached, edges):
@@ -278,14 +276,17 @@ def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
     return brackets
 
 
-def _sample_edges(vector: Deltas, selections: list[TopK]) -> list[list[int]]:
-    """Per selection, descending keys around its k-th largest from a strided sample: the sample's ranks
+def _sample_edges(vector: Deltas, selections: list[TopK]) -> list[list[int]] | None:
+    """Per selection, descending keys around its k-th largest from a block sample: the sample's ranks
     k·m/n ± 5 standard deviations of a binomial count (m sampled of n), plus a few, and up to
     SAMPLE_EDGES ranks between (fewer where they share a bucket). The first edge is one above the key at
-    the top rank, so that fewer than k keys reach it unless the sample misleads."""
+    the top rank, so that fewer than k keys reach it unless the sample misleads. None when the pieces
+    are too small to give a sample of 256."""
     n = selections[0].n
     sample = torch.cat([vector.sample_keys(piece) for _, piece in vector.pieces()])
     m = sample.numel()
+    if m < 256:
+        return None
     from_top = np.bincount(sample.numpy(), minlength=_BUCKETS)[::-1].cumsum()
     edges = []
     for selection in selections:
