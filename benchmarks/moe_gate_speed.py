@@ -14,25 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from moe_speed import best_ms  # the sibling script (its folder is on sys.path when run)
 
 from posthoc.analyse.ffn import FFNWeights
 from posthoc.analyse.moe_layers import GateRouter, MoEFFN
 from posthoc.analyse.partition import expert_sizes
-
-
-def best_ms(fn, repeats: int) -> float:
-    with torch.inference_mode():
-        fn()
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return 1000 * min(times)
 
 
 def main() -> None:

@@ -45,3 +45,20 @@ def make_tiny_opt(directory: Path, seed: int = 0) -> Path:
 
 
 OPT_FFN_MODULES = "up=model.decoder.layers.*.fc1,down=model.decoder.layers.*.fc2,act=relu"
+
+
+def amplified_copy(model_dir: Path, out: Path) -> Path:
+    """A copy of a tiny BERT with its FFNs scaled up (a random one hardly uses them, MoE and dense differ by
+    ~1e-4): MoE-fication then loses something healing can win back."""
+    from posthoc.analyse.evaluate import load_model
+
+    model, tok, _ = load_model(model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "intermediate.dense" in name:
+                p.mul_(3)
+            if "output.dense" in name and "attention" not in name:
+                p.mul_(8)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_fixtures import amplified_copy
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc
@@ -20,19 +21,8 @@ LAYERWISE = dict(experts=4, top_k=1, compensation=True, heal_biases=True, lora_r
 
 @pytest.fixture(scope="module")
 def amplified(tmp_path_factory):
-    """A tiny BERT whose FFNs matter (a random one hardly uses them): MoE-fication loses something."""
     base = make_tiny_bert(tmp_path_factory.mktemp("heal") / "bert")
-    model, tok, _ = load_model(base)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "intermediate.dense" in name:
-                p.mul_(3)
-            if "output.dense" in name and "attention" not in name:
-                p.mul_(8)
-    out = base.parent / "amplified"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return amplified_copy(base, base.parent / "amplified")
 
 
 def fit(model, tok, layer_ffn_lr: float, **params) -> MoEfier:

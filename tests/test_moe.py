@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from moe_fixtures import OPT_FFN_MODULES, make_tiny_llama, make_tiny_opt
+from moe_fixtures import OPT_FFN_MODULES, amplified_copy, make_tiny_llama, make_tiny_opt
 from posthoc.cli import main
 from tiny_text import make_tiny_bert, synthetic_corpus
 
@@ -268,19 +268,7 @@ def test_levers_threshold_budget_compensation(models):
 
 @pytest.fixture(scope="module")
 def amplified_bert(models):
-    """A random tiny BERT hardly uses its FFNs (MoE and dense differ by ~1e-4): amplified, MoE-fication
-    loses something healing can win back."""
-    model, tok, _ = load_model(models["bert"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "intermediate.dense" in name:
-                p.mul_(3)
-            if "output.dense" in name and "attention" not in name:
-                p.mul_(8)
-    base = models["root"] / "amplified"
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
-    return base
+    return amplified_copy(models["bert"], models["root"] / "amplified")
 
 
 def test_healing_reduces_the_distillation_loss_and_round_trips(amplified_bert, tmp_path):

@@ -27,6 +27,7 @@ the original block, which then runs on an empty (…, 0) tensor. This works for 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -277,49 +278,11 @@ class MoEFFN(nn.Module):
             h = self._hidden(x, *self._rows(0))
             y = torch.addmm(y, h, self.down_t[: self.shared])
         scores = self.router_scores(x)  # (T, E)
-        tokens, experts = self.select(scores)
-        self.seen[0] += t
-        self.seen[1] += len(tokens)
-        order = experts.argsort(stable=True)
-        tokens, experts = tokens[order], experts[order]
-        counts = torch.bincount(experts, minlength=self.experts).tolist()
-        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
-        if weighted:
-            gate = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
-        # Inference writes the gathered inputs and the expert outputs into buffers kept between calls: a
-        # fresh (P, d) tensor per call costs as much as the expert matmuls (page faults of a new mapping).
-        reuse = not torch.is_grad_enabled()
-        p = len(tokens)
-        if reuse:
-            xs = torch.index_select(x, 0, tokens, out=self._workspace("xs", p, x))  # (P, d), grouped by expert
-            outs = self._workspace("out", p, x)  # (P, d)
-        else:
-            xs, parts = x.index_select(0, tokens), []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            lo, hi = self.offsets[e], self.offsets[e + 1]
-            h = self._hidden(xs[start : start + n], *self._rows(e + 1))
-            if reuse:
-                out = torch.mm(h, self.down_t[lo:hi], out=outs[start : start + n])
-                if weighted:
-                    out.mul_(gate[start : start + n, None])
-            else:
-                out = h @ self.down_t[lo:hi]
-                parts.append(out * gate[start : start + n, None] if weighted else out)
-            start += n
-        if p:
-            y = y.index_add(0, tokens, outs if reuse else torch.cat(parts))
-        if self.use_compensation:
-            # Σ_{e ∉ S} c_e = Σ_e c_e − Σ_{e ∈ S} c_e
-            skipped = self.compensation.sum(0).expand(t, -1) - torch.zeros_like(y).index_add_(
-                0, tokens, self.compensation[experts]
-            )
-            y = y + skipped
-        if self.lora_a is not None:
-            y = y + (x @ self.lora_a.T) @ self.lora_b.T
-        return y
+        tokens, experts = self._select_counted(scores)
+        y, tokens, experts = self._grouped(
+            x, y, scores, tokens, experts, lambda e, xs, rows: self._hidden(xs, *self._rows(e + 1))
+        )
+        return self._extras(x, y, tokens, experts)
 
     def _moe_gated(self, x: torch.Tensor) -> torch.Tensor:
         """The gate router's forward: every gate once, the router scores from them, then per chosen expert
@@ -338,23 +301,56 @@ class MoEFFN(nn.Module):
                 u = u + up_b[: self.shared]
             y = torch.addmm(y, a[:, : self.shared] * u, self.down_t[: self.shared])
         scores = self.router(a[:, self.shared :])  # (T, E)
-        tokens, experts = self.select(scores)
-        self.seen[0] += t
-        self.seen[1] += len(tokens)
+        tokens, experts = self._select_counted(scores)
         if self.masked:
             y, chosen = self._masked_experts(x, y, a, up_w, up_b, scores, tokens, experts)
-            return self._extras(x, y, chosen)
+            return self._extras(x, y, tokens, experts, chosen)
+
+        def hidden(e: int, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            lo, hi = self.offsets[e], self.offsets[e + 1]
+            u = xs @ up_w[lo:hi].T
+            if up_b is not None:
+                u = u + up_b[lo:hi]
+            return a[:, lo:hi].index_select(0, rows) * u  # the gates computed once, gathered for these tokens
+
+        y, tokens, experts = self._grouped(x, y, scores, tokens, experts, hidden)
+        chosen = None
+        if self.use_compensation:  # Σ_{e∉S} c_e as one (T, E) @ (E, d) matmul, not a (P, d) gather
+            chosen = torch.zeros(t, self.experts, dtype=x.dtype)
+            chosen[tokens, experts] = 1
+        return self._extras(x, y, tokens, experts, chosen)
+
+    def _select_counted(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select`, counting tokens routed and (token, expert) pairs computed (`seen`)."""
+        tokens, experts = self.select(scores)
+        self.seen[0] += scores.shape[0]
+        self.seen[1] += len(tokens)
+        return tokens, experts
+
+    def _weighted(self) -> bool:
+        """Whether the expert scales (1 + α_e·σ(r_e)) apply: they are trained, or some α is nonzero."""
+        return (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+
+    def _grouped(
+        self, x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor,
+        hidden: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y plus every chosen (token, expert) pair's output, grouped by expert: one gather of the inputs,
+        per expert `hidden(e, its tokens' inputs, its tokens)` (the down projection's input) and one
+        matmul, one scatter-add. Returns y and the pairs in expert order."""
         order = experts.argsort(stable=True)
         tokens, experts = tokens[order], experts[order]
         counts = torch.bincount(experts, minlength=self.experts).tolist()
-        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+        weighted = self._weighted()
         if weighted:
-            scale = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
+            gate = 1 + self.alpha[experts] * torch.sigmoid(scores[tokens, experts])  # (P,)
+        # Inference writes the gathered inputs and the expert outputs into buffers kept between calls: a
+        # fresh (P, d) tensor per call costs as much as the expert matmuls (page faults of a new mapping).
         reuse = not torch.is_grad_enabled()
         p = len(tokens)
         if reuse:
-            xs = torch.index_select(x, 0, tokens, out=self._workspace("xs", p, x))
-            outs = self._workspace("out", p, x)
+            xs = torch.index_select(x, 0, tokens, out=self._workspace("xs", p, x))  # (P, d), grouped by expert
+            outs = self._workspace("out", p, x)  # (P, d)
         else:
             xs, parts = x.index_select(0, tokens), []
         start = 0
@@ -362,26 +358,18 @@ class MoEFFN(nn.Module):
             if n == 0:
                 continue
             lo, hi = self.offsets[e], self.offsets[e + 1]
-            rows = tokens[start : start + n]
-            u = xs[start : start + n] @ up_w[lo:hi].T
-            if up_b is not None:
-                u = u + up_b[lo:hi]
-            h = a[:, lo:hi].index_select(0, rows) * u  # the gates computed once, gathered for these tokens
+            h = hidden(e, xs[start : start + n], tokens[start : start + n])
             if reuse:
                 out = torch.mm(h, self.down_t[lo:hi], out=outs[start : start + n])
                 if weighted:
-                    out.mul_(scale[start : start + n, None])
+                    out.mul_(gate[start : start + n, None])
             else:
                 out = h @ self.down_t[lo:hi]
-                parts.append(out * scale[start : start + n, None] if weighted else out)
+                parts.append(out * gate[start : start + n, None] if weighted else out)
             start += n
         if p:
             y = y.index_add(0, tokens, outs if reuse else torch.cat(parts))
-        chosen = None
-        if self.use_compensation:  # Σ_{e∉S} c_e as one (T, E) @ (E, d) matmul, not a (P, d) gather
-            chosen = torch.zeros(t, self.experts, dtype=x.dtype)
-            chosen[tokens, experts] = 1
-        return self._extras(x, y, chosen)
+        return y, tokens, experts
 
     def _masked_experts(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, up_w: torch.Tensor,
                         up_b: torch.Tensor | None, scores: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor
@@ -395,17 +383,23 @@ class MoEFFN(nn.Module):
             u = u + up_b[lo:]
         chosen = torch.zeros(x.shape[0], self.experts, dtype=a.dtype)
         chosen[tokens, experts] = 1
-        weighted = (self.alpha.requires_grad and torch.is_grad_enabled()) or bool(self.alpha.detach().abs().sum() > 0)
+        weighted = self._weighted()
         scale = chosen * (1 + self.alpha * torch.sigmoid(scores)) if weighted else chosen  # (T, E)
         neuron_mask = scale[:, self.router.index]  # (T, routed neurons)
         return y + (a[:, lo:] * u * neuron_mask) @ self.down_t[lo:], chosen
 
-    def _extras(self, x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
-        """Compensation of the skipped experts and the low-rank term (gate router). chosen: the (T, E) 0/1
-        choice matrix, given when compensating: Σ_{e∉S} c_e is then one (T, E) @ (E, d) matmul, not a (P, d)
-        gather (P = T·k pairs: gigabytes with hundreds of small experts)."""
+    def _extras(self, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor,
+                chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Compensation of the skipped experts and the low-rank term. With `chosen`, the (T, E) 0/1 choice
+        matrix, Σ_{e∉S} c_e is one (T, E) @ (E, d) matmul (gate router: a (P, d) gather would be gigabytes
+        with hundreds of small experts, P = T·k pairs); else Σ_e c_e − Σ_{e∈S} c_e by a gather."""
         if self.use_compensation and chosen is not None:
             y = y + (1 - chosen) @ self.compensation
+        elif self.use_compensation:
+            skipped = self.compensation.sum(0).expand(x.shape[0], -1) - torch.zeros_like(y).index_add_(
+                0, tokens, self.compensation[experts]
+            )
+            y = y + skipped
         if self.lora_a is not None:
             y = y + (x @ self.lora_a.T) @ self.lora_b.T
         return y
