@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -149,7 +150,8 @@ class _SafetensorsFile:
         self._fd: int | None = None
         self._opening = threading.Lock()
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def _byte_range(self, name: str, rows: slice | None) -> tuple[int, int, list[int]]:
+        """(first byte, end byte) of the tensor (or its block of rows) in the file's data, and its shape."""
         info = self.infos[name]
         begin, end = self.offsets[name]
         shape = list(info.shape)
@@ -158,10 +160,19 @@ class _SafetensorsFile:
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
             begin, end = begin + start * row_bytes, begin + stop * row_bytes
             shape[0] = stop - start
+        return begin, end, shape
+
+    def _file(self) -> int:
         if self._fd is None:
             with self._opening:  # tensors are read from several threads (the merge engine's workers)
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        info = self.infos[name]
+        begin, end, shape = self._byte_range(name, rows)
+        self._file()
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         got = 0
@@ -171,6 +182,22 @@ class _SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends early)")
             got += n
         return buffer.view(info.dtype).reshape(shape)
+
+    def map(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor (or a block of its rows) memory-mapped copy-on-write: no copy is made, the pages are the
+        page cache's, and a write to the result never reaches the file. The mapping lasts as long as the
+        tensor (so a process's resident memory stays what it uses)."""
+        info = self.infos[name]
+        begin, end, shape = self._byte_range(name, rows)
+        first = self.data_start + begin
+        if end == begin or first % info.dtype.itemsize:  # nothing to map, or not aligned for a typed view
+            return self.read(name, rows)
+        page_start = first - first % mmap.ALLOCATIONGRANULARITY
+        if self.data_start + end > os.fstat(self._file()).st_size:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends early)")
+        mapped = mmap.mmap(self._fd, self.data_start + end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=first - page_start)
+        return raw.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -264,6 +291,16 @@ class Checkpoint:
         if info is None:
             raise CheckpointError(f"{self.source}: no tensor named {name!r}")
         return self._files[info.file].read(name, rows)
+
+    def read_mapped(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Like `read`, but memory-mapped (copy-on-write, see `_SafetensorsFile.map`) where the tensor is stored
+        in safetensors: for a reader that streams through many tensors, no copy and no fresh memory to fault
+        in. Anything else is read into memory of its own."""
+        info = self.tensors.get(name)
+        reader = self._files.get(info.file) if info is not None else None
+        if isinstance(reader, _SafetensorsFile):
+            return reader.map(name, rows)
+        return self.read(name, rows)
 
     def close(self) -> None:
         for reader in self._files.values():

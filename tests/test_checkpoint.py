@@ -38,6 +38,29 @@ def test_read_rows(llama_family):
         torch.testing.assert_close(ckpt.read("model.embed_tokens.weight", slice(5, 17)), whole[5:17])
 
 
+def test_mapped_reads_equal_reads_and_never_write_the_file(llama_family, tmp_path):
+    base, _ = llama_family
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for file in base.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    weights = copy / "model.safetensors"
+    before = weights.read_bytes()
+    with open_checkpoint(copy) as ckpt:
+        for name in ckpt.tensors:
+            assert torch.equal(ckpt.read_mapped(name), ckpt.read(name))
+        name = "model.embed_tokens.weight"
+        rows = ckpt.read_mapped(name, slice(5, 17))
+        assert torch.equal(rows, ckpt.read(name)[5:17])
+        rows.fill_(7.0)  # copy-on-write: neither the file nor a later read sees it
+        assert torch.equal(ckpt.read_mapped(name, slice(5, 17)), ckpt.read(name)[5:17])
+        assert not torch.equal(rows, ckpt.read(name)[5:17])
+        assert weights.read_bytes() == before
+        os.truncate(weights, len(before) - 100)  # cut under an open checkpoint: an error, not a crash
+        with pytest.raises(CheckpointError, match="truncated"):
+            ckpt.read_mapped(list(ckpt.tensors)[-1])
+
+
 def test_single_safetensors_file_and_pickled_bin_shards(llama_family, tmp_path):
     base, _ = llama_family
     state = load_file(base / "model.safetensors")

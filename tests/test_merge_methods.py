@@ -97,6 +97,36 @@ def test_top_k_survives_a_sample_in_step_with_the_data(monkeypatch):
     assert calls, "the misleading sample was not detected"
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["keys-kept", "keys-recomputed"])
+def test_top_k_of_inputs_read_chunk_by_chunk(keep, monkeypatch):
+    """Inputs read by chunks (like the merge engine's lazy readers): with the keys kept between the fit's
+    passes the inputs are read twice (keys and sample, then the gather), without three times; the
+    threshold and cut are those of the same task vector in memory."""
+    if not keep:
+        monkeypatch.setattr(sparsify, "KEEP_KEYS_ELEMENTS", 0)
+    base32 = rand(300, 400, seed=1)
+    base = base32.bfloat16().reshape(-1)
+    x = (base32 + 2e-3 * rand(300, 400, seed=2)).bfloat16().reshape(-1)
+    reads = []
+
+    class ChunkReader:
+        def __init__(self, tensor):
+            self.tensor, self.dtype = tensor, tensor.dtype
+
+        def __getitem__(self, s):
+            reads.append(s)
+            return self.tensor[s].clone()
+
+    chunks = sparsify.row_chunks((300, 400), 400 * 37)
+    n, k = x.numel(), x.numel() // 5
+    top, reference = sparsify.TopK(k, n), sparsify.TopK(k, n)
+    sparsify.fit_top_k(sparsify.TaskVector(ChunkReader(x), ChunkReader(base), chunks, torch.float32), [top])
+    delta = x.float() - base.float()
+    sparsify.fit_top_k(sparsify.Deltas(lambda: ((s, delta[s]) for s in chunks)), [reference])
+    assert (top.threshold, top.cut) == (reference.threshold, reference.cut)
+    assert len(reads) == (2 if keep else 3) * 2 * len(chunks)
+
+
 def test_bfloat16_task_vector_keys_equal_the_float32_buckets():
     """Keys from one bfloat16 subtraction are the bfloat16 rounding of the float32 difference."""
     g = torch.Generator().manual_seed(0)

@@ -49,7 +49,7 @@ class LazyTensor:
     """A stored tensor left on disk; a method that reads row chunks gets its rows when it slices them.
 
     Supports what such methods use: `shape`, `dtype`, `numel()`, `dim()` and `reshape(-1)[start:stop]` with
-    slices of whole rows (others read the covering rows and cut).
+    slices of whole rows (others read the covering rows and cut), memory-mapped (see `Checkpoint.read_mapped`).
     """
 
     def __init__(self, ckpt: ckpt_io.Checkpoint, name: str, dtype: torch.dtype | None):
@@ -73,7 +73,7 @@ class LazyTensor:
     def __getitem__(self, flat: slice) -> torch.Tensor:
         start, stop, _ = flat.indices(self.numel())
         first, last = start // self._row, -(-stop // self._row)
-        rows = self._ckpt.read(self._name, slice(first, last)).reshape(-1)
+        rows = self._ckpt.read_mapped(self._name, slice(first, last)).reshape(-1)
         if self._cast is not None:
             rows = rows.to(self._cast)
         return rows[start - first * self._row : stop - first * self._row]
@@ -185,7 +185,7 @@ def merge(
             if lazy(name):
                 raw = {source: LazyTensor(c, name, config.dtype) for source, c in opened.items()}
                 return (raw[base.source] if base is not None else None), [raw[c.source] for c in inputs]
-            raw = {source: c.read(name) for source, c in opened.items()}
+            raw = {source: c.read_mapped(name) for source, c in opened.items()}
             if alignment is not None and alignment.covers(name):
                 raw = alignment.align(raw, base.source if base is not None else None)
             if config.dtype is not None:  # round the inputs as the config asks, like mergekit

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 20
-WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (their keys or task vectors are kept between passes)
+WHOLE_ELEMENTS = 1 << 22  # tensors up to this size are one chunk (random selections keep their task vectors)
+KEEP_KEYS_ELEMENTS = 1 << 26  # the top-k fit computes the keys of a vector up to this size once (≤ 128 MB of int16)
 SLICE_ELEMENTS = 1 << 16  # the combining arithmetic runs on flat slices this size, so its temporaries stay in cache
 GATHER_ELEMENTS = 1 << 18  # key comparisons of the top-k fit run on flat slices this size
 SAMPLE_STRIDE, SAMPLE_BLOCK = 61, 32  # the top-k fit samples one block of 32 keys in 61 (see `_blocks`)
@@ -118,7 +119,12 @@ def task_vector(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = 
 
 
 class Deltas:
-    """A task vector that arrives as float chunks (flat slice, chunk), for `fit_top_k`."""
+    """A task vector that arrives as float chunks (flat slice, chunk), for `fit_top_k`.
+
+    `cheap_pieces`: the pieces are views of tensors in memory, so a fit may keep them between passes
+    (False: each pass computes or reads them again, and a fit asks for them as few times as it can)."""
+
+    cheap_pieces = False
 
     def __init__(self, chunks: Chunks):
         self._chunks = chunks
@@ -137,12 +143,12 @@ class Deltas:
         return _buckets(_blocks(piece)).reshape(-1)
 
 
-def _blocks(flat: torch.Tensor) -> torch.Tensor:
+def _blocks(flat: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """The first SAMPLE_BLOCK entries of every SAMPLE_STRIDE blocks (a 2-D view): a sample that touches
     1/SAMPLE_STRIDE of the memory, at offsets that cycle through the columns of any row length."""
     span = SAMPLE_STRIDE * SAMPLE_BLOCK
-    q = flat.numel() // span
-    return flat[: q * span].view(q, span)[:, :SAMPLE_BLOCK]
+    q = len(flat) // span
+    return flat[: q * span].reshape(q, span)[:, :SAMPLE_BLOCK]
 
 
 class TaskVector(Deltas):
@@ -156,6 +162,7 @@ class TaskVector(Deltas):
     def __init__(self, x, base, chunks: list[slice], compute: torch.dtype):
         self.x, self.base, self.chunks, self.compute = x, base, chunks, compute
         self._bf16 = x.dtype == base.dtype == torch.bfloat16
+        self.cheap_pieces = isinstance(x, torch.Tensor) and isinstance(base, torch.Tensor)  # not lazy readers
 
     def pieces(self) -> Iterator[tuple[slice, object]]:
         return ((s, (self.x[s], self.base[s])) for s in self.chunks)
@@ -199,16 +206,15 @@ def fit_top_k(vector: Deltas, selections: list[TopK], with_l1: bool = False) -> 
     """Fit the selections (threshold and cut of each) on one task vector; with `with_l1` the L1 norm each
     keeps is computed too, and Σ|delta| over the whole vector is returned (else 0).
 
-    Two passes, neither a histogram of every entry (bincount serialises on the repeated keys of sparse
-    task vectors, and gathering a wide range of keys is slow where many entries hit): a block sample
-    proposes a few key edges around the k-th largest; pass 1 counts exactly how many keys reach each
-    edge (numpy compares), which pins the k-th between two edges; pass 2 gathers only that narrow range.
-    When the sample misleads (the k-th lies outside its edges), an exact histogram finds the bucket
-    instead: the result never depends on the sample."""
+    No histogram of every entry (bincount serialises on the repeated keys of sparse task vectors, and
+    gathering a wide range of keys is slow where many entries hit): a block sample proposes a few key
+    edges around the k-th largest; one pass counts exactly how many keys reach each edge (numpy compares),
+    which pins the k-th between two edges; another gathers only that narrow range. The keys are computed
+    once for all of this (see `_KeySlices`). When the sample misleads (the k-th lies outside its edges),
+    an exact histogram finds the bucket instead: the result never depends on the sample."""
     active = [s for s in selections if not s.trivial]
     if active:
-        # the keys of a tensor up to WHOLE_ELEMENTS are computed once and kept between the passes
-        keys = _KeySlices(vector, keep=active[0].n <= WHOLE_ELEMENTS)
+        keys = _KeySlices(vector, keep=active[0].n <= KEEP_KEYS_ELEMENTS)
         brackets = _brackets(keys, active)
         _gather(keys, brackets)
         for selection, bracket in zip(active, brackets):
@@ -228,25 +234,58 @@ def fit_top_k(vector: Deltas, selections: list[TopK], with_l1: bool = False) -> 
 
 
 class _KeySlices:
-    """The keys of a task vector by slices of GATHER_ELEMENTS: (flat offset, piece, slice in the piece, keys)
-    per slice, computed on each pass or, with `keep`, on the first one only."""
+    """The keys of a task vector by slices of GATHER_ELEMENTS, for the passes of one fit.
+
+    With `keep` they are computed once, on a first pass that also takes the block sample, and later passes
+    reuse them: the sample, the count and the gather then cost one computation of the task vector (for a
+    lazily read embedding matrix, two reads instead of six). Without `keep` (vectors too large to hold their
+    keys) every pass computes them again."""
 
     def __init__(self, vector: Deltas, keep: bool):
-        self.vector = vector
-        self._kept: list[tuple[int, object, slice, np.ndarray]] | None = [] if keep else None
-        self._complete = False
+        self.vector, self.keep = vector, keep
+        self._kept: list[tuple[int, object, slice, np.ndarray]] | None = None  # piece None: not cheap to hold
+        self._sample: np.ndarray | None = None
 
-    def __iter__(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
-        if self._complete:
-            yield from self._kept
-            return
+    def _computed(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
         for s, piece in self.vector.pieces():
             for u in sub_slices(slice(0, s.stop - s.start), GATHER_ELEMENTS):
-                item = (s.start + u.start, piece, u, self.vector.keys(piece, u).numpy())
-                if self._kept is not None:
-                    self._kept.append(item)
-                yield item
-        self._complete = self._kept is not None
+                yield s.start + u.start, piece, u, self.vector.keys(piece, u).numpy()
+
+    def _compute_and_keep(self) -> None:
+        self._kept, sample = [], []
+        for offset, piece, u, values in self._computed():
+            self._kept.append((offset, piece if self.vector.cheap_pieces else None, u, values))
+            sample.append(_blocks(values).reshape(-1))
+        self._sample = np.concatenate(sample) if sample else np.zeros(0, dtype=np.int16)
+
+    def sample(self) -> np.ndarray:
+        """The keys of a block sample (see `_blocks`) of about 1/SAMPLE_STRIDE of the entries."""
+        if not self.keep:
+            return torch.cat([self.vector.sample_keys(piece) for _, piece in self.vector.pieces()]).numpy()
+        if self._kept is None:
+            self._compute_and_keep()
+        return self._sample
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(flat offset, keys) per slice."""
+        if self._kept is None and self.keep:
+            self._compute_and_keep()
+        if self._kept is None:
+            return ((offset, values) for offset, _, _, values in self._computed())
+        return ((offset, values) for offset, _, _, values in self._kept)
+
+    def with_pieces(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
+        """(flat offset, piece, slice in the piece, keys) per slice; pieces not held are produced again."""
+        if self._kept is None:
+            yield from self._computed()
+        elif self.vector.cheap_pieces:
+            yield from self._kept
+        else:
+            kept = iter(self._kept)
+            for s, piece in self.vector.pieces():
+                for u in sub_slices(slice(0, s.stop - s.start), GATHER_ELEMENTS):
+                    offset, _, _, values = next(kept)
+                    yield offset, piece, u, values
 
 
 def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
@@ -254,11 +293,11 @@ def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
     n = selections[0].n
     if n <= SAMPLE_STRIDE * SAMPLE_BLOCK * 16:  # too few to sample: gather everything
         return [_Bracket(0, _BUCKETS - 1) for _ in selections]
-    edges = _sample_edges(keys.vector, selections)
+    edges = _sample_edges(keys.sample(), n, selections)
     if edges is None:  # pieces too small to sample (tiny chunks): the exact histogram
         return _exact_brackets(keys, selections)
     reached = [np.zeros(len(e), dtype=np.int64) for e in edges]  # keys ≥ each edge
-    for _, _, _, values in keys:
+    for _, values in keys:
         for count, selection_edges in zip(reached, edges):
             for j, edge in enumerate(selection_edges):
                 count[j] += np.count_nonzero(values >= edge)
@@ -276,18 +315,16 @@ def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
     return brackets
 
 
-def _sample_edges(vector: Deltas, selections: list[TopK]) -> list[list[int]] | None:
-    """Per selection, descending keys around its k-th largest from a block sample: the sample's ranks
-    k·m/n ± 5 standard deviations of a binomial count (m sampled of n), plus a few, and up to
+def _sample_edges(sample: np.ndarray, n: int, selections: list[TopK]) -> list[list[int]] | None:
+    """Per selection, descending keys around its k-th largest from a block sample of the n keys: the
+    sample's ranks k·m/n ± 5 standard deviations of a binomial count (m sampled of n), plus a few, and up to
     SAMPLE_EDGES ranks between (fewer where they share a bucket). The first edge is one above the key at
     the top rank, so that fewer than k keys reach it unless the sample misleads. None when the pieces
     are too small to give a sample of 256."""
-    n = selections[0].n
-    sample = torch.cat([vector.sample_keys(piece) for _, piece in vector.pieces()])
-    m = sample.numel()
+    m = sample.size
     if m < 256:
         return None
-    from_top = np.bincount(sample.numpy(), minlength=_BUCKETS)[::-1].cumsum()
+    from_top = np.bincount(sample, minlength=_BUCKETS)[::-1].cumsum()
     edges = []
     for selection in selections:
         p = selection.k / n
@@ -302,7 +339,7 @@ def _sample_edges(vector: Deltas, selections: list[TopK]) -> list[list[int]] | N
 def _exact_brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
     """Per selection, the single bucket holding its k-th largest key, from a histogram of every key."""
     counts = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for _, _, _, values in keys:
+    for _, values in keys:
         counts += torch.bincount(torch.from_numpy(values), minlength=_BUCKETS)
     from_top = counts.flip(0).cumsum(0).numpy()
     brackets = []
@@ -315,7 +352,7 @@ def _exact_brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
 
 def _gather(keys: _KeySlices, brackets: list[_Bracket]) -> None:
     """One pass: positions, keys and exact magnitudes of the entries inside each bracket."""
-    for offset, piece, u, values in keys:
+    for offset, piece, u, values in keys.with_pieces():
         for b in brackets:
             # lo ≤ key ≤ hi in one compare: key − lo wraps to a large uint16 below lo
             inside = np.flatnonzero(np.subtract(values, b.lo, dtype=np.int16).view(np.uint16) <= b.hi - b.lo)
