@@ -429,64 +429,66 @@ def breadcrumbs_selection(vector: Deltas, n: int, density: float, gamma: float, 
     return Selection(keep, _l1_ratio(total, l1(upper) - l1(outliers)) if rescale else 1.0)
 
 
-def derived_generator(generator: torch.Generator | None) -> torch.Generator:
-    """A generator of its own, seeded from `generator` (so each input's draws do not depend on the others')."""
+def derived_generator(generator: torch.Generator | None) -> np.random.Generator:
+    """A generator of its own (numpy's PCG64), seeded from `generator`, so each input's draws do not depend on
+    the others'. numpy rather than torch: uniform draws and the comparison with the keep probability cost
+    8 ms per 2.9 M entries against 26 ms for `torch.rand(...) < p` (DARE draws one per entry of each input)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator().manual_seed(seed)
+    return np.random.Generator(np.random.PCG64(seed))
 
 
 def random_selection(
-    chunks: Chunks, n: int, density: float, rescale: bool, generator: torch.Generator | None
+    chunks: Chunks, n: int, density: float, rescale: bool, generator: np.random.Generator
 ) -> Selection:
-    """DARE: keep each entry independently with probability `density` (draws from `generator`, which this
-    selection then owns: it is rewound between the fitting and the applying pass)."""
+    """DARE: keep each entry independently with probability `density` (a uniform float32 below it; draws from
+    `generator`, which this selection then owns: it is rewound between the fitting and the applying pass)."""
     if density >= 1 or n == 0:
         return KEEP_ALL
-    own = generator or torch.Generator()
 
-    def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
-        return torch.rand(delta.shape, generator=own, dtype=torch.float32) < density
+    def mask(s: slice, delta: torch.Tensor) -> np.ndarray:
+        return generator.random(tuple(delta.shape), dtype=np.float32) < density
 
-    return _with_replay(chunks, mask, own, rescale)
+    return _with_replay(chunks, mask, generator, rescale)
 
 
 def della_selection(
-    chunks: Chunks, n: int, row: int, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+    chunks: Chunks, n: int, row: int, density: float, epsilon: float, rescale: bool, generator: np.random.Generator
 ) -> Selection:
     """DELLA (MagPrune): within each row, keep probability rises linearly with the magnitude's rank, from
     density − ε for the smallest entry to density + ε for the largest."""
     if density >= 1 or n == 0:
         return KEEP_ALL
-    own = generator or torch.Generator()
 
-    def mask(s: slice, delta: torch.Tensor) -> torch.Tensor:
+    def mask(s: slice, delta: torch.Tensor) -> np.ndarray:
         rows = delta.reshape(-1, row)
         ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
         probability = (density - epsilon) + 2 * epsilon * ranks / max(row - 1, 1)
-        keep = torch.rand(rows.shape, generator=own, dtype=torch.float32) < probability
-        return keep.reshape(delta.shape)
+        keep = generator.random(tuple(rows.shape), dtype=np.float32) < probability.numpy()
+        return keep.reshape(tuple(delta.shape))
 
-    return _with_replay(chunks, mask, own, rescale)
+    return _with_replay(chunks, mask, generator, rescale)
 
 
-def _with_replay(chunks: Chunks, mask, own: torch.Generator, rescale: bool) -> Selection:
-    state = own.get_state()
+def _with_replay(chunks: Chunks, mask, generator: np.random.Generator, rescale: bool) -> Selection:
+    """The masks are numpy booleans and applied by numpy: a float-by-bool product is 3× faster there than in
+    torch (1.4 against 4.4 ms on 2.9 M entries), and so is a float64 sum of float32 values."""
+    state = generator.bit_generator.state
     scale = 1.0
-    drawn: dict[int, torch.Tensor] = {}  # the mask of a one-chunk tensor, kept for the second pass
+    drawn: dict[int, np.ndarray] = {}  # the mask of a one-chunk tensor, kept for the second pass
     if rescale:  # a first pass for the norms; the generator is rewound so the second draws the same mask
         before = after = 0.0
         for count, (s, delta) in enumerate(chunks()):
             keep = mask(s, delta)
-            magnitude = delta.abs()
-            before += float(magnitude.sum(dtype=torch.float64))  # float64: the same sum whatever the chunks
-            after += float(magnitude.mul_(keep).sum(dtype=torch.float64))
+            magnitude = delta.abs().numpy()
+            before += float(np.sum(magnitude, dtype=np.float64))  # float64: the same sum whatever the chunks
+            after += float(np.sum(np.multiply(magnitude, keep, out=magnitude), dtype=np.float64))
             drawn.clear() if count else drawn.update({s.start: keep})
         scale = _l1_ratio(before, after)
-        own.set_state(state)
+        generator.bit_generator.state = state
 
     def kept(s: slice, delta: torch.Tensor) -> torch.Tensor:
         keep = drawn.pop(s.start, None)
-        return delta * (keep if keep is not None else mask(s, delta))
+        return torch.from_numpy(delta.numpy() * (keep if keep is not None else mask(s, delta)))
 
     return Selection(kept, scale, sliceable=False)
 
