@@ -195,7 +195,10 @@ class _SafetensorsFile:
         page_start = first - first % mmap.ALLOCATIONGRANULARITY
         if self.data_start + end > os.fstat(self._file()).st_size:
             raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends early)")
-        mapped = mmap.mmap(self._fd, self.data_start + end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+        try:
+            mapped = mmap.mmap(self._fd, self.data_start + end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+        except OSError:  # a file system without memory maps
+            return self.read(name, rows)
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=first - page_start)
         return raw.view(info.dtype).reshape(shape)
 
