@@ -193,6 +193,20 @@ def prepare(name: str) -> tuple[Any, Any, Any, Any, Scorer, dict[str, Any]]:
     return model, tok, calib, acts, scorer, setting
 
 
+def windows(data: Any, words: int) -> Any:
+    """The calibration texts cut into consecutive windows of `words` words, every text's first window first,
+    then every second window, ...: the first ~200k tokens are (about) the usual truncated texts, and larger
+    `heal_tokens` reach text that truncation at max_length drops (bbc:train truncated to 128 tokens holds
+    199,424 tokens, so heal_tokens above that repeat nothing new without this). Healing data only: the
+    statistics, probe and held-out texts are unchanged."""
+    from posthoc.analyse.calibration import CalibrationData
+
+    split = [t.split() for t in data.texts]
+    rounds = max(len(w) for w in split) // words + 1
+    texts = tuple(" ".join(w[r * words : (r + 1) * words]) for r in range(rounds) for w in split if len(w) > r * words)
+    return CalibrationData(texts, name=f"{data.name}/windows{words}")
+
+
 def record(name: str, row: dict[str, Any]) -> None:
     print(json.dumps(row), flush=True)
     with open(WORK / f"{name}.jsonl", "a") as f:
@@ -231,10 +245,13 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
                           "eval_s": round(time.perf_counter() - started, 1)})
             continue
         params, routers = CONFIGS[name][config] if config in CONFIGS[name] else extra[config]
+        params = dict(params)
+        words = params.pop("calib_windows", None)  # benchmark-only: heal on windows of the texts (see `windows`)
+        heal_data = windows(calib, words) if words else calib
         settings = {"max_tokens": setting["max_tokens"], "router_tokens": setting["router_tokens"],
                     "max_length": setting["max_length"], "heal_batch_size": 8 if name == "minilm" else 4,
                     "progress": False, "threads": 1, **params}
-        moe = MoEfier(**settings).fit(model, calib, tokenizer=tok, activations=acts)
+        moe = MoEfier(**settings).fit(model, heal_data, tokenizer=tok, activations=acts)
         fit_s, fit_cpu = time.perf_counter() - started, time.process_time() - cpu
         for router in routers:
             if router != moe.router and router != "oracle" and router not in moe.routers_[0]:
@@ -247,7 +264,8 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
                                    healed=healed) as layers:
                     scores = scorer.score()
                     neurons, measured = active_fraction(layers), measured_fraction(layers)
-                record(name, {"config": config, "router": router, "healed": healed, "params": params,
+                record(name, {"config": config, "router": router, "healed": healed,
+                              "params": {**params, **({"calib_windows": words} if words else {})},
                               "neurons": round(neurons, 4), "neurons_measured": measured and round(measured, 4),
                               **scores, "top_k_per_layer": moe.top_k_,
                               "recall": [r.get(router) for r in moe.recall_], "fit_s": round(fit_s, 1),
