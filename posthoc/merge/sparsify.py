@@ -214,7 +214,7 @@ def fit_top_k(vector: Deltas, selections: list[TopK], with_l1: bool = False) -> 
     an exact histogram finds the bucket instead: the result never depends on the sample."""
     active = [s for s in selections if not s.trivial]
     if active:
-        keys = _KeySlices(vector, keep=active[0].n <= KEEP_KEYS_ELEMENTS)
+        keys = _KeySlices(vector, active[0].n, keep=active[0].n <= KEEP_KEYS_ELEMENTS)
         brackets = _brackets(keys, active)
         _gather(keys, brackets)
         for selection, bracket in zip(active, brackets):
@@ -241,8 +241,8 @@ class _KeySlices:
     lazily read embedding matrix, two reads instead of six). Without `keep` (vectors too large to hold their
     keys) every pass computes them again."""
 
-    def __init__(self, vector: Deltas, keep: bool):
-        self.vector, self.keep = vector, keep
+    def __init__(self, vector: Deltas, n: int, keep: bool):
+        self.vector, self.n, self.keep = vector, n, keep
         self._kept: list[tuple[int, object, slice, np.ndarray]] | None = None  # piece None: not cheap to hold
         self._sample: np.ndarray | None = None
 
@@ -252,10 +252,15 @@ class _KeySlices:
                 yield s.start + u.start, piece, u, self.vector.keys(piece, u).numpy()
 
     def _compute_and_keep(self) -> None:
+        # One block for all the keys: hundreds of slice-sized arrays held at once fragment the heap (measured:
+        # peak RSS 0.48 -> 0.90 GB on a float32 TIES merge whose embedding matrices kept their keys that way).
+        every = np.empty(self.n, dtype=np.int16)
         self._kept, sample = [], []
         for offset, piece, u, values in self._computed():
-            self._kept.append((offset, piece if self.vector.cheap_pieces else None, u, values))
-            sample.append(_blocks(values).reshape(-1))
+            kept = every[offset : offset + values.size]
+            kept[:] = values
+            self._kept.append((offset, piece if self.vector.cheap_pieces else None, u, kept))
+            sample.append(_blocks(kept).reshape(-1))
         self._sample = np.concatenate(sample) if sample else np.zeros(0, dtype=np.int16)
 
     def sample(self) -> np.ndarray:
