@@ -5,9 +5,11 @@ Reading
     `.bin` files loaded with `torch.load(weights_only=True)`), a single `.safetensors` file, a GGUF file
     (dequantised once by transformers into a cached safetensors directory) or a hub id (downloaded
     through huggingface_hub when online). Listing names, shapes and dtypes reads headers only.
-    `Checkpoint.read(name)` reads exactly one tensor with `pread` into a fresh buffer, so the resident
-    memory of a reader is the tensors it holds, not every page of every input it has touched (which is
-    what a memory map costs). The safetensors library itself validates every file when it is opened.
+    `Checkpoint.read(name)` reads exactly one tensor with `pread` into memory of its own.
+    `Checkpoint.read_mapped(name)` maps just that tensor copy-on-write (no copy; writes never reach the
+    file) and unmaps it when the tensor is freed, so a streaming reader's resident memory is still the
+    tensors it holds, not every page of every input it has touched (what one long-lived map of each file
+    would cost). The safetensors library itself validates every file when it is opened.
 
 Writing
     `CheckpointWriter` knows every output tensor's name, shape and dtype before any data arrives (the
@@ -123,7 +125,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 class _SafetensorsFile:
-    """One safetensors file: header parsed once, tensors read with pread (no memory map kept)."""
+    """One safetensors file: header parsed once, each tensor read with pread or mapped on its own."""
 
     def __init__(self, path: Path):
         from safetensors import SafetensorError, safe_open
