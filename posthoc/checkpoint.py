@@ -174,12 +174,12 @@ class _SafetensorsFile:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         info = self.infos[name]
         begin, end, shape = self._byte_range(name, rows)
-        self._file()
+        fd = self._file()
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         got = 0
         while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], self.data_start + begin + got)
+            n = os.preadv(fd, [view[got:]], self.data_start + begin + got)
             if n == 0:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends early)")
             got += n
@@ -195,10 +195,11 @@ class _SafetensorsFile:
         if end == begin or first % info.dtype.itemsize:  # nothing to map, or not aligned for a typed view
             return self.read(name, rows)
         page_start = first - first % mmap.ALLOCATIONGRANULARITY
-        if self.data_start + end > os.fstat(self._file()).st_size:
+        fd = self._file()
+        if self.data_start + end > os.fstat(fd).st_size:
             raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends early)")
         try:
-            mapped = mmap.mmap(self._fd, self.data_start + end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+            mapped = mmap.mmap(fd, self.data_start + end - page_start, access=mmap.ACCESS_COPY, offset=page_start)
         except OSError:  # a file system without memory maps
             return self.read(name, rows)
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=first - page_start)

@@ -27,8 +27,7 @@ def load(
 
     top_k: experts per token in every layer (default: what was fitted, per-layer budgets and threshold
     routing included); router: "mlp", "centroid", "gate" (GLU FFNs: the FFN's own gate activations; whichever
-    were fitted) or "oracle" (every neuron is
-    computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
+    were fitted) or "oracle" (every neuron is computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
     the model computes the dense function (to float round-off).
 
     A mask module (`posthoc split cluster` / `split mask`) loads its base with the mask applied: mode "keep"

@@ -246,10 +246,15 @@ class _KeySlices:
         self._kept: list[tuple[int, object, slice, np.ndarray]] | None = None  # piece None: not cheap to hold
         self._sample: np.ndarray | None = None
 
-    def _computed(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
+    def _slices(self) -> Iterator[tuple[int, object, slice]]:
+        """(flat offset, piece, slice in the piece) per slice, in one pass over the pieces."""
         for s, piece in self.vector.pieces():
             for u in sub_slices(slice(0, s.stop - s.start), GATHER_ELEMENTS):
-                yield s.start + u.start, piece, u, self.vector.keys(piece, u).numpy()
+                yield s.start + u.start, piece, u
+
+    def _computed(self) -> Iterator[tuple[int, object, slice, np.ndarray]]:
+        for offset, piece, u in self._slices():
+            yield offset, piece, u, self.vector.keys(piece, u).numpy()
 
     def _compute_and_keep(self) -> None:
         # One block for all the keys: hundreds of slice-sized arrays held at once fragment the heap (measured:
@@ -286,11 +291,8 @@ class _KeySlices:
         elif self.vector.cheap_pieces:
             yield from self._kept
         else:
-            kept = iter(self._kept)
-            for s, piece in self.vector.pieces():
-                for u in sub_slices(slice(0, s.stop - s.start), GATHER_ELEMENTS):
-                    offset, _, _, values = next(kept)
-                    yield offset, piece, u, values
+            for (offset, piece, u), (_, _, _, values) in zip(self._slices(), self._kept):
+                yield offset, piece, u, values
 
 
 def _brackets(keys: _KeySlices, selections: list[TopK]) -> list[_Bracket]:
