@@ -22,13 +22,16 @@ def load(
     return_tokenizer: bool = False,
     mode: str = "keep",
     base: str | os.PathLike[str] | None = None,
+    healed: bool = True,
 ) -> Any:
     """The model in `path` with MoE layers (a torch module in eval mode; with its tokenizer if asked).
 
     top_k: experts per token in every layer (default: what was fitted, per-layer budgets and threshold
     routing included); router: "mlp", "centroid", "gate" (GLU FFNs: the FFN's own gate activations; whichever
     were fitted) or "oracle" (every neuron is computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
-    the model computes the dense function (to float round-off).
+    and nothing healed (an output fitted without healing or LoRA, or `healed=False`) the model computes the
+    dense function (to float round-off). healed: load what healing trained (default); a healed output loaded
+    at another top_k than it was healed at warns (healing fits the layers to their own k).
 
     A mask module (`posthoc split cluster` / `split mask`) loads its base with the mask applied: mode "keep"
     (only what it marks) or "remove" (the model without it); base: the model it masks (default: its manifest's).
@@ -54,6 +57,6 @@ def load(
             f"({moe.manifest_.base.fingerprint}); the checkpoint was modified after `posthoc split moe`"
         )
     model, tokenizer, _ = load_model(path, dtype=dtype or torch.float32)
-    moe.apply(model, permuted=True, router=router, top_k=top_k)
+    moe.apply(model, permuted=True, router=router, top_k=top_k, healed=healed)
     model.eval()
     return (model, tokenizer) if return_tokenizer else model

@@ -112,3 +112,23 @@ def test_healing_keeps_threshold_routing_at_its_budget(amplified, monkeypatch):
     monkeypatch.setattr(heal_module, "threshold_budgets", lambda layers: [None] * len(layers))
     drifted = MoEfier(**params).fit(model, data, tokenizer=tok)
     assert abs(experts_per_token(drifted, model, tok, data.texts) - 2) > 2 * abs(kept_k - 2)
+
+
+def test_a_healed_output_is_dense_only_unhealed_at_every_expert_and_warns_at_another_k(amplified, tmp_path, caplog):
+    model, tok, _ = load_model(amplified)
+    moe = fit(model, tok, 1e-2, heal_steps=3, heal_batch_size=8, heal_tokens=400)  # experts 4, healed at top-1
+    assert moe.is_healed() and not MoEfier(**LAYERWISE).is_healed()
+    out = moe.save(tmp_path / "healed_k1", base=amplified)
+    batch = dict(tok(list(synthetic_corpus(10).texts[:4]), padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        dense = model(**batch).last_hidden_state
+        caplog.clear()
+        unhealed_full = posthoc.load(out, top_k=4, healed=False)(**batch).last_hidden_state
+        assert "healed at top_k" not in caplog.text
+        torch.testing.assert_close(unhealed_full, dense, atol=1e-5, rtol=1e-4)  # K = E, nothing healed: dense
+        healed_full = posthoc.load(out, top_k=4)(**batch).last_hidden_state
+        assert "healed at top_k [1], not 4" in caplog.text and "healed=False" in caplog.text
+        assert not torch.allclose(healed_full, dense, atol=1e-3)  # the LoRA and trained matrices stay on
+        caplog.clear()
+        posthoc.load(out)  # the k it was healed at: no warning
+        assert "healed at top_k" not in caplog.text

@@ -389,9 +389,11 @@ class MoEfier:
     # ------------------------------------------------------------------------------------------ runtime
 
     def build_layer(
-        self, model: nn.Module, i: int, *, permuted: bool, router: str | None = None, top_k: int | None = None
+        self, model: nn.Module, i: int, *, permuted: bool, router: str | None = None, top_k: int | None = None,
+        healed: bool = True,
     ) -> MoEFFN:
-        """The MoE layer of FFN i; `permuted` says whether the model's weights are already in expert order."""
+        """The MoE layer of FFN i; `permuted` says whether the model's weights are already in expert order;
+        `healed=False` leaves out what healing trained (the LoRA term, scales, trained matrices)."""
         ffn = self.ffns_[i]
         w = ffn_weights(model, ffn)
         if not permuted:
@@ -414,7 +416,7 @@ class MoEfier:
         if comp is not None:
             layer.compensation.copy_(comp[i])
             layer.use_compensation = True
-        state = dict((getattr(self, "heal_state_", None) or [{}] * (i + 1))[i])
+        state = dict((getattr(self, "heal_state_", None) or [{}] * (i + 1))[i]) if healed else {}
         healed_threshold = state.pop(HEALED_THRESHOLD, None)
         if state:
             layer.load_state_dict(state, strict=False)
@@ -423,14 +425,28 @@ class MoEfier:
         return layer.eval()
 
     def apply(
-        self, model: nn.Module, *, permuted: bool = False, router: str | None = None, top_k: int | None = None
+        self, model: nn.Module, *, permuted: bool = False, router: str | None = None, top_k: int | None = None,
+        healed: bool = True,
     ) -> nn.Module:
         """Install MoE layers into `model` (in place) and return it. `permuted=True` for a model loaded
-        from this analyser's output (weights already in expert order)."""
+        from this analyser's output (weights already in expert order); `healed=False`: without what healing
+        trained. Healing fits the layers to the k they were healed at: at another k a healed model is worse
+        (measured on MiniLM: healed at top-4, 0.95 cosine at 4 of 16 experts, 0.69 with all 16), so that
+        case warns."""
         self._resolve_ffns(model)
+        if healed and top_k is not None and self.is_healed() and any(top_k != k for k in self.top_k_):
+            log.warning(
+                "this MoE output was healed at top_k %s, not %s: healing fits the layers to their own k, so the model "
+                "is worse at another one (with every expert it is not the dense model); load with healed=False for "
+                "the unhealed layers, or heal at the k you will run", sorted(set(self.top_k_)), top_k)
         for i, ffn in enumerate(self.ffns_):
-            install_moe(model, ffn, self.build_layer(model, i, permuted=permuted, router=router, top_k=top_k))
+            install_moe(model, ffn, self.build_layer(model, i, permuted=permuted, router=router, top_k=top_k,
+                                                     healed=healed))
         return model
+
+    def is_healed(self) -> bool:
+        """Whether healing (layer-wise or whole-model) trained anything that the layers load."""
+        return any(any(k != HEALED_THRESHOLD for k in state) for state in (getattr(self, "heal_state_", None) or []))
 
     def _resolve_ffns(self, model: nn.Module) -> None:
         """After `load`, find the FFNs in the model and check they are the ones the output describes."""

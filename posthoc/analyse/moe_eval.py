@@ -31,16 +31,12 @@ def moe_installed(moe: Any, model: nn.Module, *, router: str | None = None, top_
                   healed: bool = True, permuted: bool = False) -> Iterator[list[MoEFFN]]:
     """`model` with MoE layers inside the block, dense again after it."""
     originals = []
-    saved = moe.heal_state_
-    if not healed:
-        moe.heal_state_ = None
     try:
         for i, ffn in enumerate(moe.ffns_):
-            layer = moe.build_layer(model, i, permuted=permuted, router=router, top_k=top_k)
+            layer = moe.build_layer(model, i, permuted=permuted, router=router, top_k=top_k, healed=healed)
             originals.append(install_moe(model, ffn, layer))
         yield moe_layers(model)
     finally:
-        moe.heal_state_ = saved
         for o in reversed(originals):
             restore(model, o)
 
