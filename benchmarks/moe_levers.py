@@ -274,8 +274,7 @@ def run(name: str, configs: list[str], extra: dict[str, tuple[dict[str, Any], tu
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
             fitted = router == moe.router  # per-layer k, thresholds and healing belong to the fitted router
-            has_heal = any(moe.heal_state_ or [])
-            for healed in ((False, True) if fitted and has_heal else (False,)):
+            for healed in ((False, True) if fitted and moe.is_healed() else (False,)):
                 with moe_installed(moe, model, router=router, top_k=None if fitted else moe.top_k,
                                    healed=healed) as layers:
                     scores = scorer.score()

@@ -28,10 +28,11 @@ def load(
 
     top_k: experts per token in every layer (default: what was fitted, per-layer budgets and threshold
     routing included); router: "mlp", "centroid", "gate" (GLU FFNs: the FFN's own gate activations; whichever
-    were fitted) or "oracle" (every neuron is computed to pick the true top-k: for evaluation only). With top_k equal to the number of experts
-    and nothing healed (an output fitted without healing or LoRA, or `healed=False`) the model computes the
-    dense function (to float round-off). healed: load what healing trained (default); a healed output loaded
-    at another top_k than it was healed at warns (healing fits the layers to their own k).
+    were fitted) or "oracle" (every neuron is computed to pick the true top-k: for evaluation only).
+    healed: load what healing trained (default); a healed output loaded at another top_k than it was healed
+    at warns (healing fits the layers to their own k). With top_k equal to the number of experts and nothing
+    healed (an output fitted without healing or LoRA, or `healed=False`) the model computes the dense
+    function (to float round-off).
 
     A mask module (`posthoc split cluster` / `split mask`) loads its base with the mask applied: mode "keep"
     (only what it marks) or "remove" (the model without it); base: the model it masks (default: its manifest's).
