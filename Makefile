@@ -24,7 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
-	$(VENV)/bin/ruff check posthoc cli tests benchmarks
+	$(MAKE) lint
 
+# ruff, and the layers and no-cycle contracts of pyproject.toml's [tool.importlinter]
 lint: $(STAMP)
 	$(VENV)/bin/ruff check posthoc cli tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache

@@ -20,8 +20,7 @@ import time
 import torch
 
 from posthoc.analyse.activations import CoActivation, SecondMoments, TokenInfo
-from posthoc.analyse.ffn import FFN, FFNWeights
-from posthoc.analyse.graphs import (
+from posthoc.analyse.cluster.graphs import (
     activation_graph,
     correlation,
     modularity,
@@ -29,6 +28,7 @@ from posthoc.analyse.graphs import (
     spectral_clusters,
     weight_graph,
 )
+from posthoc.ffn import FFN, FFNWeights
 
 
 def peak_mb() -> float:

@@ -157,7 +157,8 @@ def peft_merge(base_dir: Path, adapters: list[Path], weights: list[float], combi
 
 def ours(base_dir: Path, adapters: list[Path], weights: list[float], method: str, rank: int | None,
          density: float, work: Path, repeat: int) -> tuple[float, dict[str, torch.Tensor], float | None]:
-    from posthoc.merge import MergeConfig, merge_checkpoints
+    from posthoc.merge.config import MergeConfig
+    from posthoc.merge.engine import merge as merge_checkpoints
     from posthoc.modules.module import open_module
 
     params = [{"weight": w, **({"density": density} if method == "ties" else {})} for w in weights]

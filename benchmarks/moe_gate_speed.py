@@ -18,9 +18,9 @@ import os
 import torch
 from moe_speed import best_ms  # the sibling script (its folder is on sys.path when run)
 
-from posthoc.analyse.ffn import FFNWeights
-from posthoc.analyse.moe_layers import GateRouter, MoEFFN
-from posthoc.analyse.partition import expert_sizes
+from posthoc.analyse.moe.layers import GateRouter, MoEFFN
+from posthoc.analyse.moe.partition import expert_sizes
+from posthoc.ffn import FFNWeights
 
 
 def main() -> None:

@@ -30,9 +30,8 @@ import torch
 
 from posthoc.analyse.activations import Activations, ActiveCounts, CoActivation, InputSample, Moments, collect
 from posthoc.analyse.calibration import load_calibration
-from posthoc.analyse.evaluate import load_model
-from posthoc.analyse.moe import MoEfier
-from posthoc.analyse.moe_eval import (
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.moe.scoring import (
     Scorer,
     active_fraction,
     measured_fraction,
@@ -40,6 +39,7 @@ from posthoc.analyse.moe_eval import (
     per_neuron_oracle,
 )
 from posthoc.assets import minilm_dir, smollm2_gguf
+from posthoc.models import load_model
 
 WORK = Path(__file__).parent / ".work" / "moe"
 
@@ -148,7 +148,7 @@ def per_neuron_gate(model: Any, fraction: float, up_rms: dict[int, torch.Tensor]
     """The gate router at one-neuron granularity (CATS/TEAL-style, the limit of finer experts): every token
     keeps its top `fraction` of neurons by |act(W_gate x)|·‖W_down col‖ (× the up projection's calibration
     RMS with `up_rms`). Dense compute: for evaluation only."""
-    from posthoc.analyse.ffn import find_ffns
+    from posthoc.ffn import find_ffns
 
     ffns = find_ffns(model)
     saved = []

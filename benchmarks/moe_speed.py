@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from posthoc.analyse.ffn import FFNWeights, ffn_weights, find_ffns
-from posthoc.analyse.moe_layers import MLPRouter, MoEFFN, install_moe
-from posthoc.analyse.partition import expert_sizes
+from posthoc.analyse.moe.layers import MLPRouter, MoEFFN, install_moe
+from posthoc.analyse.moe.partition import expert_sizes
+from posthoc.ffn import FFNWeights, ffn_weights, find_ffns
 
 
 def best_ms(fn: Any, repeats: int) -> float:
@@ -72,8 +72,8 @@ def ffn_blocks(repeats: int) -> list[dict[str, Any]]:
 
 
 def whole_models(repeats: int) -> list[dict[str, Any]]:
-    from posthoc.analyse.evaluate import load_model
     from posthoc.assets import minilm_dir, smollm2_gguf
+    from posthoc.models import load_model
 
     rows = []
     for name, spec, shape in (("all-MiniLM-L6-v2", minilm_dir, (16, 128)), ("SmolLM2-135M", smollm2_gguf, (8, 256))):
@@ -87,7 +87,7 @@ def whole_models(repeats: int) -> list[dict[str, Any]]:
             for i, ffn in enumerate(ffns):
                 originals.append((ffn, install_moe(model, ffn, moe_layer(ffn_weights(model, ffn), 16, top_k, seed=i))))
             moe_ms = best_ms(lambda body=body, ids=ids: body(input_ids=ids), repeats)
-            from posthoc.analyse.moe_layers import restore
+            from posthoc.analyse.moe.layers import restore
 
             for _, saved in reversed(originals):
                 restore(model, saved)

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posthoc.analyse.cluster_report import split_cluster, verdict
-from posthoc.analyse.mask_report import parse_task, split_mask
+from posthoc.analyse.cluster.report import verdict
+from posthoc.analyse.cluster.run import split_cluster
+from posthoc.analyse.masks.run import parse_task, split_mask
 from posthoc.assets import minilm_dir
 
 WORK = Path(__file__).resolve().parent / ".work" / "split"

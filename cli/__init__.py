@@ -2,6 +2,6 @@
 
 Each command lives in its own module, imported when the command runs (see `main.LazyGroup`)."""
 
-from posthoc.cli.main import main
+from .main import main
 
 __all__ = ["main"]

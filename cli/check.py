@@ -3,10 +3,11 @@ from __future__ import annotations
 import sys
 
 import click
-from posthoc.cli.main import main, reports_errors
 
 from posthoc.checkpoint import open_checkpoint
 from posthoc.compat import check_compatible
+
+from .main import main, reports_errors
 
 
 @main.command()

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import click
-from posthoc.cli.main import main, reports_errors
 
-from posthoc.demo import run_demo
+from posthoc.demo.run import run_demo
 from posthoc.finetune import FinetuneSettings
+
+from .main import main, reports_errors
 
 
 @main.command()

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import click
-from posthoc.cli.main import main, parse_size, reports_errors
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
 from posthoc.errors import ConfigError
 from posthoc.modules.extraction import EXTRACT_KINDS
 from posthoc.modules.extraction import extract as extract_module
+
+from .main import main, parse_size, reports_errors
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:

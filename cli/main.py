@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import click
 
-import posthoc
 from posthoc.errors import PosthocError
+from posthoc.provenance import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,12 +71,12 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         for module in COMMAND_MODULES.get(cmd_name, ()):
-            importlib.import_module(f"posthoc.cli.{module}")
+            importlib.import_module(f".{module}", __package__)
         return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(posthoc.__version__, prog_name="posthoc")
+@click.version_option(__version__, prog_name="posthoc")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
 def main(verbose: bool) -> None:
     """posthoc: post-hoc modular deep learning.

@@ -4,12 +4,14 @@ from typing import Any
 
 import click
 import yaml
-from posthoc.cli.main import main, parse_size, reports_errors
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
 from posthoc.errors import ConfigError
-from posthoc.merge import MergeConfig, merge_checkpoints
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.engine import merge as merge_checkpoints
 from posthoc.merge.registry import REGISTRY
+
+from .main import main, parse_size, reports_errors
 
 
 def _methods_help() -> str:

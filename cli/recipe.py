@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import click
-from posthoc.cli.main import main, reports_errors
 
 from posthoc.recipes import list_recipes, run_recipe
 from posthoc.recipes.spec import parse_assignment
+
+from .main import main, reports_errors
 
 
 @main.group()

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
-from posthoc.cli.main import main, reports_errors
 
 from posthoc.analyse.params import ParamTable
+
+from .main import main, reports_errors
 
 
 @main.group()
@@ -46,7 +47,7 @@ def analyser_options(table: ParamTable, names: Sequence[str]) -> Callable[[Calla
 
 
 def _moe_table() -> ParamTable:
-    from posthoc.analyse.moe import PARAMS
+    from posthoc.analyse.moe.moefier import PARAMS
 
     return PARAMS
 
@@ -87,7 +88,7 @@ def moe(model: str, out_dir: str, calib: tuple[str, ...], eval_data: tuple[str, 
 
     Run it with posthoc.load(OUT_DIR, top_k=K)."""
     from posthoc.analyse.calibration import load_calibration
-    from posthoc.analyse.moe_run import moefy
+    from posthoc.analyse.moe.run import moefy
 
     held_out = load_calibration(list(eval_data), text_column=text_column) if eval_data else None
     result = moefy(model, out_dir, list(calib), eval_data=held_out, eval_texts=eval_texts, eval_tokens=eval_tokens,

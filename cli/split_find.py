@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from posthoc.cli.main import reports_errors
-from posthoc.cli.split import analyser_options, split
 
-from posthoc.analyse.cluster import PARAMS as CLUSTER_PARAMS
-from posthoc.analyse.masks import PARAMS as MASK_PARAMS
+from posthoc.analyse.cluster.clusterer import PARAMS as CLUSTER_PARAMS
+from posthoc.analyse.masks.masker import PARAMS as MASK_PARAMS
+
+from .main import reports_errors
+from .split import analyser_options, split
 
 # Options generated from the analysers' parameter tables (defaults, help and checks declared once there).
 CLUSTER_OPTIONS = (
@@ -50,7 +51,8 @@ def cluster(model: str, out_dir: str, calib: str | None, labels: str | None, lab
             layers: str | None, edge_fraction: float | None, force: bool, quiet: bool, **params: Any) -> None:
     """Cluster MODEL's FFN neurons, test the clusters against shuffled graphs, tie them to labels, and write
     a report, GraphML graphs and one mask module per cluster to OUT_DIR."""
-    from posthoc.analyse.cluster_report import split_cluster, verdict
+    from posthoc.analyse.cluster.report import verdict
+    from posthoc.analyse.cluster.run import split_cluster
 
     if labels and label_file:
         raise click.UsageError("give --labels or --label-file, not both")
@@ -87,7 +89,7 @@ def mask(model: str, out_dir: str, tasks: tuple[str, ...], alpha: float | None, 
          test_per_class: int, pruned: bool, force: bool, quiet: bool, **params: Any) -> None:
     """Learn a binary mask over MODEL's frozen weights per task; write masks (mask modules), their
     masked/inverted scores and IoU, and a report to OUT_DIR."""
-    from posthoc.analyse.mask_report import parse_task, split_mask
+    from posthoc.analyse.masks.run import parse_task, split_mask
 
     parsed = [parse_task(t, train_per_class=train_per_class, test_per_class=test_per_class, seed=params["seed"])
               for t in tasks]

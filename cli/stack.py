@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import click
-from posthoc.cli.main import main, parse_size, reports_errors
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
 from posthoc.modules.apply import stack as stack_modules
+
+from .main import main, parse_size, reports_errors
 
 
 @main.command()

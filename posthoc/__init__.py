@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from posthoc.provenance import __version__
 
 
 def load(path: Any, **kwargs: Any) -> Any:

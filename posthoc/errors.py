@@ -27,3 +27,7 @@ class AssetError(PosthocError):
 
 class DataError(PosthocError):
     """A data set is empty, malformed, or cannot be split or subset as asked."""
+
+
+class RecipeError(ConfigError):
+    """A recipe is invalid, or one of its steps failed (the message names the step)."""

@@ -25,21 +25,21 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-import posthoc
 from posthoc.checkpoint import check_output_location, open_checkpoint, save_state_dict
 from posthoc.data import TextClassificationData
 from posthoc.errors import CheckpointError, ConfigError, DataError
+from posthoc.models import Encoder, _load_model, mean_pool
 from posthoc.progress import progress_bar
+from posthoc.provenance import stamp
+from posthoc.threads import default_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -96,119 +96,7 @@ class FinetuneSettings:
         return asdict(self)
 
 
-def default_threads() -> int:
-    """CPU cores this process may use (the affinity mask, not the machine's count, inside containers)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with this many intra-op threads, then restore the caller's setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------- encoders
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states that are not padding: (batch, tokens, hidden) -> (batch, hidden)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-class Encoder:
-    """A loaded encoder with its tokenizer: texts in, mean-pooled embeddings out.
-
-    The one place texts become vectors, so the demo, evaluation and later analysers (activations,
-    clustering) pool in the same way.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any, directory: Path | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.directory = directory
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> Encoder:
-        """Load with transformers (AutoModel + AutoTokenizer), in float32, in eval mode."""
-        directory = Path(directory)
-        model, tokenizer = _load_model(directory, "AutoModel")
-        return cls(model.eval(), tokenizer, directory)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    def embed(
-        self,
-        texts: Sequence[str],
-        *,
-        batch_size: int = 64,
-        max_length: int = 128,
-        threads: int | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Mean-pooled last hidden states, (len(texts), hidden), float32, in the order of `texts`.
-
-        Texts are batched by length (then put back in order) so little compute goes to padding.
-        """
-        if not texts:
-            return torch.zeros(0, self.hidden_size)
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=max_length)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-        order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
-        out = torch.empty(len(texts), self.hidden_size)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with (
-                progress_bar(len(texts), "embed", "text", enabled=progress) as bar,
-                torch_threads(threads),
-                torch.inference_mode(),
-            ):
-                bar.leave = False  # a step of a larger job: gone once done
-                for start in range(0, len(order), batch_size):
-                    rows = order[start : start + batch_size]
-                    batch = self.tokenizer.pad({k: [encoded[k][i] for i in rows] for k in keys}, return_tensors="pt")
-                    hidden = self.model(**batch).last_hidden_state  # (batch, tokens, hidden)
-                    out[rows] = mean_pool(hidden, batch["attention_mask"]).float()
-                    bar.update(len(rows))
-        finally:
-            self.model.train(was_training)
-        return out
-
-
-def embed_texts(encoder_dir: str | os.PathLike[str], texts: Sequence[str], **kwargs: Any) -> torch.Tensor:
-    """Load an encoder and embed texts (see `Encoder.embed` for the keyword arguments)."""
-    return Encoder.load(encoder_dir).embed(texts, **kwargs)
-
-
-def _load_model(directory: Path, auto_class: str) -> tuple[nn.Module, Any]:
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the useful ones
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(directory, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{directory}: transformers cannot load it ({first})") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -516,8 +404,7 @@ def finetune(
     state = _encoder_state(model, base_dir, base_infos)
     seconds = time.perf_counter() - started
     record = {
-        "posthoc_version": posthoc.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **stamp(),
         "run_id": uuid.uuid4().hex,
         "name": name,
         "base_model": str(base_dir),

@@ -30,7 +30,8 @@ from torch import nn
 
 from posthoc.checkpoint import open_checkpoint
 from posthoc.errors import ConfigError, DataError
-from posthoc.finetune import Encoder, FinetuneResult, FinetuneSettings, Objective, finetune, mean_pool
+from posthoc.finetune import FinetuneResult, FinetuneSettings, Objective, finetune
+from posthoc.models import Encoder, mean_pool
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from posthoc.provenance import __version__
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2rem auto;padding:0 1rem;
 color:#1d1d1f;line-height:1.45}
@@ -101,7 +103,6 @@ class Report:
             fig.savefig(directory / png, dpi=110)
             plt.close(fig)
         stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-        from posthoc import __version__
 
         page = (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"

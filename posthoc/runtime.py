@@ -39,13 +39,13 @@ def load(
     """
     import torch
 
-    from posthoc.analyse.evaluate import load_model
-    from posthoc.analyse.moe import MoEError, MoEfier
+    from posthoc.analyse.moe.moefier import MoEError, MoEfier
     from posthoc.checkpoint import open_checkpoint
+    from posthoc.models import load_model
     from posthoc.modules.format import fingerprint
 
     path = Path(path)
-    from posthoc.analyse.maskmodule import is_mask_module, load_masked
+    from posthoc.modules.masks import is_mask_module, load_masked
 
     if is_mask_module(path):
         return load_masked(path, mode=mode, base=base, dtype=dtype, return_tokenizer=return_tokenizer)

@@ -50,7 +50,7 @@ OPT_FFN_MODULES = "up=model.decoder.layers.*.fc1,down=model.decoder.layers.*.fc2
 def amplified_copy(model_dir: Path, out: Path) -> Path:
     """A copy of a tiny BERT with its FFNs scaled up (a random one hardly uses them, MoE and dense differ by
     ~1e-4): MoE-fication then loses something healing can win back."""
-    from posthoc.analyse.evaluate import load_model
+    from posthoc.models import load_model
 
     model, tok, _ = load_model(model_dir)
     with torch.no_grad():

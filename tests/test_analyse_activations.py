@@ -23,9 +23,10 @@ from posthoc.analyse.activations import (
     neuron_masks,
 )
 from posthoc.analyse.calibration import CalibrationData, load_calibration, token_batches
-from posthoc.analyse.evaluate import load_model, perplexity
-from posthoc.analyse.ffn import FFNNotFoundError, ffn_weights, find_ffns, neuron_scores
+from posthoc.analyse.evaluate import perplexity
 from posthoc.errors import ConfigError, DataError
+from posthoc.ffn import FFNNotFoundError, ffn_weights, find_ffns, neuron_scores
+from posthoc.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_statistics_match_direct_computation(tiny, arch):
 def test_input_sample_is_uniform():
     """Reservoir sampling keeps each of N stream positions with probability max/N."""
     from posthoc.analyse.activations import TokenInfo
-    from posthoc.analyse.ffn import FFNWeights
+    from posthoc.ffn import FFNWeights
 
     weights = FFNWeights(torch.zeros(4, 2), torch.zeros(2, 4), torch.relu)
     hits = torch.zeros(1000)

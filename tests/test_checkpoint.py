@@ -139,7 +139,8 @@ def test_gguf_input_merges_into_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posthoc.assets import smollm2_gguf
-    from posthoc.merge import MergeConfig, merge_checkpoints
+    from posthoc.merge.config import MergeConfig
+    from posthoc.merge.engine import merge as merge_checkpoints
 
     gguf = smollm2_gguf()
     with open_checkpoint(gguf) as ckpt:

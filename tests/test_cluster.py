@@ -16,9 +16,8 @@ from tiny_text import CLASSES, make_tiny_bert, synthetic_corpus
 
 from posthoc.analyse.activations import neuron_masks
 from posthoc.analyse.calibration import CalibrationData
-from posthoc.analyse.cluster import NeuronClusterer, as_labelled, average_precision
-from posthoc.analyse.cluster_report import split_cluster
-from posthoc.analyse.graphs import (
+from posthoc.analyse.cluster.clusterer import NeuronClusterer, as_labelled, average_precision
+from posthoc.analyse.cluster.graphs import (
     ShuffleTest,
     activation_graph,
     correlation,
@@ -31,9 +30,11 @@ from posthoc.analyse.graphs import (
     to_networkx,
     weight_graph,
 )
-from posthoc.analyse.maskmodule import apply_mask, read_mask_module
-from posthoc.analyse.masks import TokenizedTexts, pooled_states
+from posthoc.analyse.cluster.run import split_cluster
+from posthoc.analyse.evaluate import pooled_states
+from posthoc.analyse.texts import TokenizedTexts
 from posthoc.errors import ConfigError, DataError
+from posthoc.modules.masks import apply_mask, read_mask_module
 
 
 def planted(n_per: int = 20, groups: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

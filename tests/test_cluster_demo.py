@@ -6,9 +6,9 @@ import json
 
 from tiny_text import make_tiny_bert, synthetic_corpus
 
-from posthoc.analyse.cluster_demo import demo_step
 from posthoc.data import stratified_split
-from posthoc.demo import DemoContext, DemoSettings, Task
+from posthoc.demo.clusters import demo_step
+from posthoc.demo.context import DemoContext, DemoSettings, Task
 from posthoc.finetune import FinetuneSettings
 
 

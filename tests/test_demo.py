@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from posthoc.cli import main
 from tiny_text import make_tiny_bert, synthetic_corpus
 
-import posthoc.demo as demo_module
+import posthoc.demo.run as demo_module
 from posthoc.checkpoint import open_checkpoint
 from posthoc.data import stratified_split
-from posthoc.demo import DemoSettings, Task, run_demo
+from posthoc.demo.context import DemoSettings, Task
+from posthoc.demo.run import run_demo
 from posthoc.errors import AssetError, ConfigError
 from posthoc.finetune import FinetuneSettings, evaluate, read_record
 

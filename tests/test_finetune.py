@@ -16,15 +16,14 @@ from posthoc.data import TextClassificationData, load_bbc, read_text_folders, st
 from posthoc.errors import AssetError, CheckpointError, ConfigError, DataError
 from posthoc.finetune import (
     ClassificationHead,
-    Encoder,
     FinetuneSettings,
     batch_indices,
     evaluate,
     finetune,
     linear_probe,
-    mean_pool,
     read_record,
 )
+from posthoc.models import Encoder, mean_pool
 
 FAST = FinetuneSettings(steps=30, batch_size=8, max_length=32, encoder_lr=1e-3, head_lr=1e-2)
 

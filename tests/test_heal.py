@@ -1,4 +1,4 @@
-"""Healing (posthoc.analyse.heal): the layer-wise phase that also trains the experts' matrices
+"""Healing (posthoc.analyse.moe.heal): the layer-wise phase that also trains the experts' matrices
 (`layer_heal_ffn_lr`), checked on an amplified tiny BERT against the model's own FFN modules."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from moe_fixtures import amplified_copy
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc
-from posthoc.analyse.evaluate import load_model
-from posthoc.analyse.moe import MoEfier
-from posthoc.analyse.moe_eval import moe_installed
-from posthoc.analyse.moe_layers import HEALED_THRESHOLD, unit_scores
+from posthoc.analyse.moe.layers import HEALED_THRESHOLD, unit_scores
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.moe.scoring import moe_installed
+from posthoc.models import load_model
 
 FAST = {"max_tokens": 1500, "router_tokens": 600, "router_epochs": 3, "progress": False}
 LAYERWISE = dict(experts=4, top_k=1, compensation=True, heal_biases=True, lora_rank=4, layer_heal_epochs=4,
@@ -95,7 +95,7 @@ def experts_per_token(moe: MoEfier, model, tok, texts, healed: bool = True) -> f
 
 
 def test_healing_keeps_threshold_routing_at_its_budget(amplified, monkeypatch):
-    from posthoc.analyse import heal as heal_module
+    from posthoc.analyse.moe import heal as heal_module
 
     model, tok, _ = load_model(amplified)
     data = synthetic_corpus(10)

@@ -12,11 +12,11 @@ from posthoc.cli import main
 from tiny_text import make_tiny_bert
 
 import posthoc
-from posthoc.analyse.ffn import find_ffns
-from posthoc.analyse.maskmodule import neuron_entries, neuron_mask_name, write_mask_module
 from posthoc.checkpoint import open_checkpoint, save_state_dict
 from posthoc.errors import ConfigError
+from posthoc.ffn import find_ffns
 from posthoc.modules.apply import stack
+from posthoc.modules.masks import neuron_entries, neuron_mask_name, write_mask_module
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tiny, tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """A neuron mask module over FFN 1 marking neurons 0..9 (a 'cluster')."""
-    from posthoc.analyse.evaluate import load_model
+    from posthoc.models import load_model
 
     model, _, _ = load_model(tiny)
     ffn = find_ffns(model)[1]

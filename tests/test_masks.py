@@ -13,12 +13,14 @@ from click.testing import CliRunner
 from posthoc.cli import main
 from tiny_text import CLASSES, VOCAB, make_tiny_bert, synthetic_corpus
 
-from posthoc.analyse.mask_report import MaskTask, parse_task, split_mask
-from posthoc.analyse.maskmodule import apply_mask, apply_to_tensor, load_masked, read_mask_module
-from posthoc.analyse.masks import SubnetworkMasker, TokenizedTexts, mask_iou, pooled_states, sample_hard_mask
+from posthoc.analyse.evaluate import pooled_states
+from posthoc.analyse.masks.masker import SubnetworkMasker, mask_iou, sample_hard_mask
+from posthoc.analyse.masks.run import MaskTask, parse_task, split_mask
+from posthoc.analyse.texts import TokenizedTexts
 from posthoc.checkpoint import open_checkpoint, save_state_dict
 from posthoc.data import stratified_split
 from posthoc.errors import ConfigError, DataError
+from posthoc.modules.masks import apply_mask, apply_to_tensor, load_masked, read_mask_module
 
 FAST = {"steps": 4, "batch_size": 8, "max_length": 32, "threads": 1, "progress": False}
 

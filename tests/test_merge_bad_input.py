@@ -223,7 +223,7 @@ def test_bin_checkpoint_with_plain_tensors_is_read(family, tmp_path):
 def test_failure_midway_leaves_nothing(family, tmp_path, monkeypatch):
     import dataclasses
 
-    from posthoc.merge import REGISTRY
+    from posthoc.merge.registry import REGISTRY
 
     base, tuned = family
     calls = {"n": 0}

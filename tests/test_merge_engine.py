@@ -14,7 +14,8 @@ from conftest import read_all
 from posthoc.cli import main
 from test_merge_methods import numpy_ties
 
-from posthoc.merge import MergeConfig, merge_checkpoints
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.engine import merge as merge_checkpoints
 
 
 def run_cli(*args: str):
@@ -140,7 +141,7 @@ def test_random_method_without_seed_records_the_seed_it_drew(llama_family, tmp_p
 def test_inputs_read_lazily_by_rows_give_the_same_result(llama_family, tmp_path, method, monkeypatch):
     """Large inputs stay on disk and are read chunk by chunk; forcing that on every tensor (and tiny
     chunks) must not change a single bit."""
-    from posthoc.merge import sparsify
+    from posthoc import sparsify
 
     base, tuned = llama_family
     per_model = {"weight": 0.3} | ({"density": 0.3} if method != "linear" and method != "task_arithmetic" else {})
@@ -182,7 +183,7 @@ def test_tensors_merged_in_parallel_write_the_same_bytes(llama_family, tmp_path,
 
 
 def test_slerp_read_lazily_by_rows_matches_whole(llama_family, tmp_path, monkeypatch):
-    from posthoc.merge import sparsify
+    from posthoc import sparsify
 
     base, tuned = llama_family
     config = MergeConfig.from_dict(

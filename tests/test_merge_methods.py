@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from posthoc import sparsify
 from posthoc.errors import ConfigError
-from posthoc.merge import REGISTRY, get_method, sparsify
+from posthoc.merge.registry import REGISTRY, get_method
 
 
 def rand(*shape, seed=0):
@@ -253,7 +254,7 @@ def test_della_keeps_large_entries_more_often(chunked):
 
 
 def test_della_rejects_density_epsilon_outside_unit_interval(tmp_path):
-    from posthoc.merge import MergeConfig
+    from posthoc.merge.config import MergeConfig
 
     config = MergeConfig.from_dict(
         {"merge_method": "della", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1, "density": 0.1}}]}
@@ -286,7 +287,7 @@ def test_slerp_formula(t):
 
 
 def test_slerp_in_row_chunks_is_the_same_formula(monkeypatch):
-    from posthoc.merge import sparsify
+    from posthoc import sparsify
 
     monkeypatch.setattr(sparsify, "CHUNK_ELEMENTS", 20)
     monkeypatch.setattr(sparsify, "WHOLE_ELEMENTS", 0)

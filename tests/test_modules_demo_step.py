@@ -9,10 +9,10 @@ import pytest
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 from posthoc.data import stratified_split
-from posthoc.demo import DemoContext, DemoSettings, Task
+from posthoc.demo.context import DemoContext, DemoSettings, Task
+from posthoc.demo.modules import DENSITY, demo_rank, demo_step
 from posthoc.finetune import ClassificationHead, FinetuneSettings, evaluate, finetune
 from posthoc.modules.apply import stack
-from posthoc.modules.demo_step import DENSITY, demo_rank, demo_step
 from posthoc.modules.module import open_module
 
 TINY = DemoSettings(

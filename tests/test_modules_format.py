@@ -11,7 +11,7 @@ from conftest import read_all
 from modules_common import bert_pair, outputs  # noqa: F401  (fixtures)
 
 from posthoc.modules.apply import stack
-from posthoc.modules.merging import combine
+from posthoc.modules.combine import combine
 from posthoc.modules.module import open_module
 from posthoc.modules.writer import ModuleWriter
 

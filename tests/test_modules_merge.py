@@ -13,7 +13,8 @@ from conftest import read_all
 from modules_common import bert_pair, best_rank, changes, lora_changes, outputs  # noqa: F401  (fixtures)
 from posthoc.cli import main
 
-from posthoc.merge import MergeConfig, merge_checkpoints
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.engine import merge as merge_checkpoints
 from posthoc.modules import lowrank
 from posthoc.modules.apply import stack
 from posthoc.modules.extraction import extract

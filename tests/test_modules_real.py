@@ -9,7 +9,8 @@ import torch
 
 from posthoc.assets import minilm_dir
 from posthoc.data import load_bbc, stratified_split
-from posthoc.finetune import ClassificationHead, Encoder, FinetuneSettings, finetune
+from posthoc.finetune import ClassificationHead, FinetuneSettings, finetune
+from posthoc.models import Encoder
 from posthoc.modules.apply import stack
 from posthoc.modules.extraction import extract
 

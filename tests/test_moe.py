@@ -14,19 +14,19 @@ from posthoc.cli import main
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc
-from posthoc.analyse.evaluate import load_model
-from posthoc.analyse.ffn import ffn_weights, find_ffns
-from posthoc.analyse.moe import PARAMS, MoEfier, calibrate_threshold, greedy_budget, router_recall
-from posthoc.analyse.moe_eval import moe_installed
-from posthoc.analyse.moe_layers import moe_layers
-from posthoc.analyse.partition import (
+from posthoc.analyse.moe.layers import calibrate_threshold, moe_layers
+from posthoc.analyse.moe.moefier import PARAMS, MoEfier, greedy_budget, router_recall
+from posthoc.analyse.moe.partition import (
     balanced_kmeans,
     coactivation_partition,
     expert_sizes,
     order_from_labels,
     random_partition,
 )
+from posthoc.analyse.moe.scoring import moe_installed
 from posthoc.errors import ConfigError
+from posthoc.ffn import ffn_weights, find_ffns
+from posthoc.models import load_model
 
 FAST = {"max_tokens": 1500, "router_tokens": 600, "router_epochs": 3, "progress": False}
 
@@ -187,7 +187,7 @@ def test_named_ffns_of_an_unknown_model(models, tmp_path):
 
 
 def test_greedy_budget_compares_layers_on_relative_output_errors(models, fitted):
-    from posthoc.analyse.moe import output_errors
+    from posthoc.analyse.moe.moefier import output_errors
 
     moe = fitted("llama", partition="kmeans", router="mlp")
     model, _, _ = load_model(models["llama"])
@@ -207,7 +207,7 @@ def test_greedy_budget_compares_layers_on_relative_output_errors(models, fitted)
 
 
 def test_measured_fraction_counts_the_experts_computed(models, fitted):
-    from posthoc.analyse.moe_eval import active_fraction, measured_fraction
+    from posthoc.analyse.moe.scoring import active_fraction, measured_fraction
 
     moe = fitted("llama", partition="kmeans", router="mlp")
     model, _, _ = load_model(models["llama"])
@@ -273,7 +273,7 @@ def amplified_bert(models):
 
 def test_healing_reduces_the_distillation_loss_and_round_trips(amplified_bert, tmp_path):
     from posthoc.analyse.calibration import CalibrationData, token_batches
-    from posthoc.analyse.heal import distillation_loss
+    from posthoc.analyse.moe.heal import distillation_loss
 
     base = amplified_bert
     model, tok, _ = load_model(base)
@@ -297,7 +297,7 @@ def test_healing_reduces_the_distillation_loss_and_round_trips(amplified_bert, t
 
 
 def test_healing_loss_terms_match_an_independent_computation(amplified_bert):
-    from posthoc.analyse.heal import distillation_loss, teacher_outputs
+    from posthoc.analyse.moe.heal import distillation_loss, teacher_outputs
 
     model, tok, _ = load_model(amplified_bert)
     moe = MoEfier(experts=4, top_k=1, **FAST).fit(model, synthetic_corpus(10), tokenizer=tok)
@@ -319,7 +319,7 @@ def test_healing_loss_terms_match_an_independent_computation(amplified_bert):
 def test_healing_trains_compensation_biases_and_experts_against_the_original_model(amplified_bert, tmp_path, monkeypatch):
     from transformers import AutoModel
 
-    from posthoc.analyse import heal as heal_module
+    from posthoc.analyse.moe import heal as heal_module
 
     model, tok, _ = load_model(amplified_bert)
     data = synthetic_corpus(10)
@@ -351,7 +351,7 @@ def test_healing_trains_compensation_biases_and_experts_against_the_original_mod
 
 
 def test_reduced_rank_regression_recovers_a_low_rank_map_and_layer_healing_helps(models, fitted):
-    from posthoc.analyse.heal import dense_outputs, reduced_rank_regression
+    from posthoc.analyse.moe.heal import dense_outputs, reduced_rank_regression
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 12, generator=g)

@@ -8,11 +8,12 @@ import torch
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc
-from posthoc.analyse.evaluate import load_model, mean_cosine, sentence_embeddings
-from posthoc.analyse.moe_demo import TEST_PER_CLASS, demo_step
+from posthoc.analyse.evaluate import mean_cosine, sentence_embeddings
 from posthoc.data import stratified_split
-from posthoc.demo import DemoContext, DemoSettings, Task
+from posthoc.demo.context import DemoContext, DemoSettings, Task
+from posthoc.demo.moe import TEST_PER_CLASS, demo_step
 from posthoc.finetune import FinetuneSettings
+from posthoc.models import load_model
 
 
 def test_demo_step_scores_the_loaded_moe_and_reuses_its_output(tmp_path):

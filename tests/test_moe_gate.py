@@ -12,12 +12,12 @@ from posthoc.cli import main
 from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc
-from posthoc.analyse.evaluate import load_model
-from posthoc.analyse.ffn import ffn_weights
-from posthoc.analyse.moe import MoEfier
-from posthoc.analyse.moe_eval import moe_installed
-from posthoc.analyse.moe_layers import GateRouter, MoEFFN, moe_layers
+from posthoc.analyse.moe.layers import GateRouter, MoEFFN, moe_layers
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.moe.scoring import moe_installed
 from posthoc.errors import ConfigError
+from posthoc.ffn import ffn_weights
+from posthoc.models import load_model
 
 FAST = {"max_tokens": 1500, "router_tokens": 600, "progress": False, "router": "gate", "score": "output"}
 

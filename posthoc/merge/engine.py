@@ -11,7 +11,6 @@ when every tensor has been written and verified finite.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -20,23 +19,22 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import posthoc
 from posthoc import checkpoint as ckpt_io
-from posthoc.compat import CompatReport, check_compatible
+from posthoc.compat import check_compatible
 from posthoc.errors import ConfigError, IncompatibleError, OutputError
-from posthoc.finetune import torch_threads
 from posthoc.merge import methods as _methods  # noqa: F401  (registers the methods)
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
-from posthoc.merge.sparsify import row_chunks
+from posthoc.merge.result import MergeResult, tensor_seed
 from posthoc.merge.vocab import VocabularyAlignment
 from posthoc.progress import progress_bar
+from posthoc.provenance import stamp
+from posthoc.sparsify import row_chunks
+from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +77,6 @@ class LazyTensor:
         return rows[start - first * self._row : stop - first * self._row]
 
 
-@dataclass
-class MergeResult:
-    out_dir: Path
-    seconds: float
-    num_tensors: int
-    total_bytes: int
-    num_shards: int
-    seed: int | None
-    report: CompatReport
-    warnings: list[str] = field(default_factory=list)
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def merge(
     config: MergeConfig,
     out_dir: str | os.PathLike[str],
@@ -113,9 +94,9 @@ def merge(
     `threads`: CPU threads to use (default: torch's setting), shared between tensors merged at once.
 
     Inputs may also be modules (see posthoc.modules.apply.open_model_ref). When every merged input is a
-    module, the output is a module (posthoc.modules.merging); `rank` re-factors an all-LoRA output."""
+    module, the output is a module (posthoc.merge.modules); `rank` re-factors an all-LoRA output."""
     # --- modules (posthoc.modules): an all-module merge writes a module; imported here to avoid a cycle.
-    from posthoc.modules.merging import merge_modules, wants_module_output
+    from posthoc.merge.modules import merge_modules, wants_module_output
 
     if wants_module_output(config):
         return merge_modules(config, out_dir, force=force, seed=seed, progress=progress, rank=rank, shard_size=shard_size)
@@ -239,8 +220,7 @@ def merge(
             writer.add_json(
                 "posthoc_merge.json",
                 {
-                    "posthoc_version": posthoc.__version__,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **stamp(),
                     "method": method.name,
                     "paper": method.paper,
                     "base_model": base_ref,
@@ -353,7 +333,7 @@ def _merge_one(
         return every[0]
     kwargs = dict(params)
     if method.randomized:
-        kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
+        kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed or 0, name))
     if method.takes_out_dtype:
         kwargs["out_dtype"] = out_dtype
     out = method.fn(tensors, base, **kwargs)

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import torch
 
+from posthoc import sparsify
 from posthoc.errors import ConfigError
-from posthoc.merge import sparsify
 from posthoc.merge.registry import (
     DENSITY,
     PER_MODEL,

@@ -8,9 +8,12 @@
         phi = m.delta("encoder.layer.0.attention.self.query.weight")
 
 Merging modules goes through `posthoc.merge.merge_checkpoints` (and `posthoc merge`), which hands
-all-module configs to `posthoc.modules.merging.merge_modules`.
+all-module configs to `posthoc.merge.modules.merge_modules`; inside the library, import from the module that
+defines a name (`posthoc.modules.apply`, …), not from this package.
 """
 
+from posthoc.modules.apply import stack
+from posthoc.modules.extraction import extract
 from posthoc.modules.format import (
     KINDS,
     BaseRef,
@@ -22,6 +25,7 @@ from posthoc.modules.format import (
     read_manifest,
     write_module,
 )
+from posthoc.modules.module import open_module
 
 __all__ = [
     "KINDS",
@@ -37,16 +41,3 @@ __all__ = [
     "stack",
     "write_module",
 ]
-
-
-_LAZY = {"extract": "posthoc.modules.extraction", "stack": "posthoc.modules.apply", "open_module": "posthoc.modules.module"}
-
-
-def __getattr__(name: str):
-    # The heavier entry points are imported on first use, so `posthoc.modules.format` stays cheap to import
-    # (the merge engine and the analysers import it) and no import cycle with posthoc.merge can form.
-    if name not in _LAZY:
-        raise AttributeError(f"module 'posthoc.modules' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -8,7 +8,7 @@ unchanged: it only ever sees checkpoints.
 
 `stack` writes the applied model as a plain checkpoint that transformers loads (the base's names, shapes,
 dtypes, config and tokenizer), streaming and atomically; with `as_module` it writes the combined change
-Σ sᵢ φᵢ as one module instead (see `posthoc.modules.merging.combine`).
+Σ sᵢ φᵢ as one module instead (see `posthoc.modules.combine.combine`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-import posthoc
 from posthoc.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
@@ -36,11 +34,12 @@ from posthoc.checkpoint import (
     open_checkpoint,
 )
 from posthoc.errors import ConfigError, OutputError
-from posthoc.modules.format import MISMATCH_REMEDY, ModuleError, fingerprint, is_module
+from posthoc.modules.combine import combine
+from posthoc.modules.format import MERGE_REMEDY, MISMATCH_REMEDY, ModuleError, fingerprint, is_module
+from posthoc.modules.masks import is_mask_module, open_masked
 from posthoc.modules.module import Module, open_module
 from posthoc.progress import progress_bar
-
-MERGE_REMEDY = "merge it with the base it was made for (base_model / --base, or BASE+MODULE)"
+from posthoc.provenance import stamp
 
 
 class AppliedCheckpoint(CheckpointView):
@@ -206,8 +205,6 @@ def stack(
     scales = check_scales(scales, len(modules))
     if rank is not None and not as_module:
         raise ConfigError("--rank applies to --as-module (the combined LoRA's rank)")
-    from posthoc.analyse.maskmodule import is_mask_module, open_masked
-
     masks = [m for m in modules if not isinstance(m, Module) and is_mask_module(m)]
     if masks and as_module:
         raise ConfigError(f"{masks[0]}: a mask module multiplies the weights and cannot be summed into a module; "
@@ -217,8 +214,6 @@ def stack(
     scales = [s for m, s in zip(modules, scales) if m not in masks]
     modules = [m for m in modules if m not in masks]
     if as_module:
-        from posthoc.modules.merging import combine
-
         result = combine(
             base, modules, scales, out_dir, rank=rank, allow_base_mismatch=allow_base_mismatch, force=force,
             progress=progress, shard_size=shard_size, provenance={"made_by": "posthoc stack --as-module"},
@@ -244,8 +239,7 @@ def stack(
             writer.add_json(
                 "posthoc_stack.json",
                 {
-                    "posthoc_version": posthoc.__version__,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **stamp(),
                     "base": applied.base.source,
                     "modules": [{"module": m.source, "kind": m.kind, "scale": s,
                                  "tags": m.manifest.tags} for m, s in applied.modules]

@@ -2,7 +2,7 @@
 
     delta   the task vector φ = θ_tuned − θ_base, every changed tensor dense
     sparse  the K entries of largest |φ| (LT-SFT's selection), K = density × (entries of the model, or of
-            each tensor with `per_tensor`); exact top-k by `posthoc.merge.sparsify.TopK` (no sort, ties by
+            each tensor with `per_tensor`); exact top-k by `posthoc.sparsify.TopK` (no sort, ties by
             position); stored as indices + values
     lora    per changed Linear/Embedding weight, truncated SVD of φ to `rank`, or to the smallest rank that
             keeps `energy` of ‖φ‖² (capped by `max_rank`); B = U√S, A = √S Vᵀ. Other changed tensors (norms,
@@ -28,10 +28,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from posthoc import sparsify
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, check_output_location, open_checkpoint
 from posthoc.errors import ConfigError, IncompatibleError
-from posthoc.merge import sparsify
 from posthoc.modules import lowrank
+from posthoc.modules.apply import stack
 from posthoc.modules.build import ModuleBuilder
 from posthoc.modules.fidelity import (
     TensorFidelity,
@@ -384,8 +385,6 @@ def _sparse_global(
 
 def _calibrate(base: Checkpoint, tuned: Checkpoint, staging: Path, texts: list[str], max_length: int) -> dict[str, Any]:
     """Stack the staged module onto the base in a temporary directory and compare it with the fine-tune."""
-    from posthoc.modules.apply import stack
-
     with tempfile.TemporaryDirectory(prefix="posthoc-calib-") as tmp:
         applied = stack(base.source, [staging], Path(tmp) / "applied", progress=False)
         return calibration_agreement(tuned.directory, applied.out_dir, texts, max_length=max_length,

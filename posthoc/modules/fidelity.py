@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 from posthoc.errors import CheckpointError, DataError
+from posthoc.finetune import ClassificationHead
+from posthoc.models import mean_pool
+from posthoc.report import Report
 
 
 @dataclass
@@ -94,8 +97,6 @@ def calibration_agreement(
     """Agreement of `candidate_dir` (base + module) with `reference_dir` (the fine-tune) on `texts`."""
     import transformers
 
-    from posthoc.finetune import ClassificationHead, mean_pool
-
     reference_dir, candidate_dir = Path(reference_dir), Path(candidate_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir or reference_dir))
     if tokenizer.pad_token is None:
@@ -150,8 +151,6 @@ def write_report(
     calibration: dict[str, Any] | None,
 ) -> Path:
     """report.html + a PNG of the per-tensor energy kept, next to the module's files."""
-    from posthoc.report import Report
-
     report = Report(title, subtitle)
     report.section("Summary")
     report.key_values(summary)

@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 
-import posthoc
 from posthoc.checkpoint import Checkpoint, open_checkpoint, save_state_dict
 from posthoc.errors import PosthocError
+from posthoc.provenance import __version__
 
 MODULE_FILE = "module.json"
 FORMAT = "posthoc-module"
@@ -94,7 +94,7 @@ class Manifest:
     tensors: dict[str, dict[str, Any]]  # base tensor name -> how the module stores its change
     tags: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    posthoc_version: str = posthoc.__version__
+    posthoc_version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -212,6 +212,7 @@ def open_module_tensors(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 MISMATCH_REMEDY = "pass --allow-base-mismatch to apply it anyway"
+MERGE_REMEDY = "merge it with the base it was made for (base_model / --base, or BASE+MODULE)"
 
 
 def check_base(

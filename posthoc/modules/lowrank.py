@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from posthoc.threads import torch_threads
+
 RANDOMIZED_MIN_DIM = 1024  # below this a full SVD is as fast as a randomized one
 RANDOMIZED_MAX_FRACTION = 8  # randomized only when rank ≤ min(m, n) / 8
 # Sketch width 2r + 10 and 6 power iterations: on flat spectra (a TIES merge of LoRAs, 1024×2816, rank 16)
@@ -40,8 +42,6 @@ def _threads_for(elements: int) -> Iterator[None]:
     if elements >= SMALL_ELEMENTS:
         yield
         return
-    from posthoc.finetune import torch_threads  # imported here: finetune pulls in transformers
-
     with torch_threads(1):
         yield
 

@@ -4,9 +4,9 @@
 from the shell. See `posthoc.recipes.spec` for the format and `posthoc.recipes.steps` for the step kinds.
 """
 
-from posthoc.recipes.bundled import find_recipe, list_recipes
+from posthoc.errors import RecipeError
+from posthoc.recipes.catalog import find_recipe, list_recipes
 from posthoc.recipes.runner import RecipeResult, StepOutcome, load_recipe, run_recipe
 from posthoc.recipes.soup import run_task_soup
-from posthoc.recipes.spec import RecipeError
 
 __all__ = ["RecipeError", "RecipeResult", "StepOutcome", "find_recipe", "list_recipes", "load_recipe", "run_recipe", "run_task_soup"]

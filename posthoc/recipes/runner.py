@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posthoc.errors import PosthocError
+from posthoc.errors import PosthocError, RecipeError
 from posthoc.recipes.registry import STEP_KINDS, StepContext, run_step
-from posthoc.recipes.spec import Recipe, RecipeError, StepSpec, build_recipe, load_yaml
+from posthoc.recipes.spec import Recipe, StepSpec, build_recipe, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_recipe(
 ) -> Recipe:
     """Parse and check a recipe (a file, or the name of a bundled one) without running anything."""
     import posthoc.recipes.steps  # noqa: F401  (registers the step kinds)
-    from posthoc.recipes.bundled import find_recipe
+    from posthoc.recipes.catalog import find_recipe
 
     path = find_recipe(recipe)
     data = load_yaml(path)

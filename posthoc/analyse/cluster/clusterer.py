@@ -8,7 +8,7 @@
     clusters.ablation_                 # probe accuracy drop when a cluster is ablated vs random sets
 
 Per FFN (or per pair of adjacent FFNs with `across_layers=True`) a neuron graph is built
-(`posthoc.analyse.graphs`): from the weights (|W|, Filan et al.), or from activations on calibration text
+(`posthoc.analyse.cluster.graphs`): from the weights (|W|, Filan et al.), or from activations on calibration text
 (|correlation| or co-activation counts, streamed over every token by `posthoc.analyse.activations`).
 It is cut into communities (spectral to K, or Louvain), scored by modularity Q and n-cut, and the same is
 done to `shuffles` shuffled copies: weights permuted within each matrix, or activations permuted across
@@ -46,8 +46,7 @@ from posthoc.analyse.activations import (
     neuron_masks,
 )
 from posthoc.analyse.calibration import CalibrationData
-from posthoc.analyse.ffn import FFN, ffn_weights, find_ffns
-from posthoc.analyse.graphs import (
+from posthoc.analyse.cluster.graphs import (
     METHODS,
     NeuronGraph,
     ShuffleTest,
@@ -62,11 +61,14 @@ from posthoc.analyse.graphs import (
     sparsify,
     weight_graph,
 )
-from posthoc.analyse.masks import TokenizedTexts, pooled_states
+from posthoc.analyse.evaluate import pooled_states
 from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
+from posthoc.analyse.texts import TokenizedTexts
 from posthoc.errors import ConfigError, DataError
-from posthoc.finetune import linear_probe, torch_threads
+from posthoc.ffn import FFN, ffn_weights, find_ffns
+from posthoc.finetune import linear_probe
 from posthoc.progress import progress_bar
+from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +269,7 @@ class NeuronClusterer:
     def fit(self, model: Any, data: Any = None, *, labels: Any = None, tokenizer: Any = None) -> NeuronClusterer:
         """model: checkpoint spec or loaded model (+ tokenizer); data: calibration texts (needed for activation
         graphs); labels: labelled texts, or one label per calibration text (function ties, ablations)."""
-        from posthoc.analyse.evaluate import load_model
+        from posthoc.models import load_model
 
         PARAMS.validate(self.get_params())
         started = time.perf_counter()

@@ -1,10 +1,10 @@
 """`posthoc split moe` as one library call: fit, evaluate on held-out text, report, write OUT_DIR.
 
-    from posthoc.analyse.moe_run import moefy
+    from posthoc.analyse.moe.run import moefy
     result = moefy("path/to/model", "out/moe", "bbc:train", eval_data="bbc:test", experts=16, top_k=4)
     result.summary       # dense and MoE quality at the fitted top_k, router recall, timings
 
-The README demo's step is `posthoc.analyse.moe_demo.demo_step`.
+The README demo's step is `posthoc.demo.moe.demo_step`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from posthoc.analyse.calibration import CalibrationData, load_calibration
-from posthoc.analyse.moe import MoEfier
-from posthoc.analyse.moe_eval import Scorer, active_fraction, ks_for, moe_installed, sweep, time_ffn
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.moe.scoring import Scorer, active_fraction, ks_for, moe_installed, sweep, time_ffn
 from posthoc.checkpoint import check_output_location, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def moefy(
     quality sweeps at 10 … 100 % of experts for the oracle, centroid and MLP routers, before and after
     healing, and the FFN speed at the fitted top_k. Everything else goes to `MoEfier(**params)`.
     """
-    from posthoc.analyse.evaluate import load_model
-    from posthoc.finetune import torch_threads
+    from posthoc.models import load_model
+    from posthoc.threads import torch_threads
 
     started = time.perf_counter()
     moe = MoEfier(**params)
@@ -104,7 +104,7 @@ def moefy(
                     rows += sweep(alt, net, scorer, routers=routers, ks=ks, healed=False, label=other)
         speeds = measure_speed(moe, net) if speed else []
         if report:
-            from posthoc.analyse.moe_report import build_report
+            from posthoc.analyse.moe.report import build_report
 
             pages = build_report(moe, rows, dense, speeds, title_model=str(model), held_out=held_out.name)
     summary.update({"dense": dense, "speed": speeds[:1], "recall": moe.recall_, "timings": moe.timings_,
@@ -117,7 +117,7 @@ def moefy(
 def measure_speed(moe: MoEfier, net: torch.nn.Module, tokens: int = 2048) -> list[dict[str, Any]]:
     """FFN block time of the first FFN, dense vs MoE at the fitted routing (router included), on
     `tokens` of its sampled calibration inputs (repeated when the sample is smaller)."""
-    from posthoc.analyse.ffn import ffn_weights
+    from posthoc.ffn import ffn_weights
 
     if moe.router == "oracle":
         return []  # the oracle computes every neuron: nothing to gain

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from posthoc.analyse.ffn import FFN
 from posthoc.checkpoint import (
     Checkpoint,
     CheckpointView,
@@ -50,6 +49,8 @@ from posthoc.checkpoint import (
     replace_directory,
 )
 from posthoc.errors import IncompatibleError
+from posthoc.ffn import FFN
+from posthoc.models import load_model
 from posthoc.modules.format import (
     BaseRef,
     Manifest,
@@ -296,8 +297,6 @@ def load_masked(
     """The base model (transformers, eval mode) with a mask module applied in memory: `posthoc.load(MASK)`.
 
     base: the checkpoint the mask was made for (default: the one its manifest names, when it is here)."""
-    from posthoc.analyse.evaluate import load_model
-
     if mode not in MODES:
         raise ModuleError(f"mask mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     manifest = read_manifest(module)

@@ -1,61 +1,38 @@
-"""Merging modules into a module: exact LoRA sums, and every registry method on the changes they make.
-
-`posthoc merge` sends a config here when every input is a module (a configured base checkpoint may be
-listed too: it is the zero change). The output is a module of the inputs' kind — lora when all are LoRA,
-sparse when all are sparse, delta otherwise — written one tensor at a time. Per tensor:
-
-- Methods linear in the changes (linear, task_arithmetic, passthrough) give Σ cᵢφᵢ. The coefficients are
-  read off the registry's own function (evaluated on unit inputs), so they mean exactly what the method
-  means for checkpoints; a method that is not equivariant under a shift of every input and the base
-  (linear without normalize and Σw ≠ 1, passthrough with scale ≠ 1) is evaluated on θ₀ + φᵢ instead.
-  For LoRA inputs the sum is exact: the factors are concatenated ([c₁B₁ … cₙBₙ], [A₁; …; Aₙ]), with
-  any ranks and signs; with a target rank they are re-factored by QR + an SVD of the small core, with
-  the error known exactly (`lowrank.refactor`), and the (m, n) change is never formed.
-- The task-arithmetic family (TIES, DARE, breadcrumbs, DELLA …) works element-wise: each input's change
-  is formed for this tensor, the registry's pure function merges them over a zero base (θ₀ + f(φ) − θ₀
-  is f(φ) for these methods, and the seeds per tensor are the engine's, so DARE draws the same masks),
-  and a LoRA output is re-factored by truncated SVD, its measured error reported.
-- Other methods (slerp, multislerp, model_stock) are evaluated on θ₀ + φᵢ and the base subtracted; they
-  need the base checkpoint.
-"""
+"""Write a module tensor by tensor from per-tensor plans: Σ cᵢφᵢ (exact for LoRA factors) or a function of the changes."""
 
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, open_checkpoint
-from posthoc.compat import CompatReport
 from posthoc.errors import ConfigError
-from posthoc.merge.config import MergeConfig, layer_position, num_layers
-from posthoc.merge.engine import MergeResult, _tensor_seed
-from posthoc.merge.methods import TASK_ARITHMETIC_FAMILY
-from posthoc.merge.registry import MergeMethod
 from posthoc.modules import lowrank
-from posthoc.modules.apply import MERGE_REMEDY
 from posthoc.modules.build import ModuleBuilder
-from posthoc.modules.format import BaseRef, ModuleError, fingerprint, is_module
+from posthoc.modules.format import MERGE_REMEDY, BaseRef, ModuleError, fingerprint, is_module
 from posthoc.modules.module import Module, open_module
 from posthoc.modules.peft_format import BaseLayout
 from posthoc.progress import progress_bar
 
-FAMILY = {row[0] for row in TASK_ARITHMETIC_FAMILY}  # defined on task vectors: f(θ₀ + φ; θ₀) = θ₀ + f(φ; 0)
-LINEAR_CANDIDATES = ("linear", "task_arithmetic", "passthrough")
-
 
 @dataclass
-class ModuleMergeResult(MergeResult):
-    """A merge whose output is a module (see MergeResult for the shared fields)."""
+class CombinedModule:
+    """A module written by `write_combined`: where, how big, and how exact."""
 
+    out_dir: Path
+    seconds: float
+    num_tensors: int
+    total_bytes: int
+    num_shards: int
     kind: str = "delta"
     refactor_error: float | None = None  # largest relative error of a LoRA re-factoring, None when exact
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -64,79 +41,19 @@ class ModuleMergeResult(MergeResult):
 
 
 @dataclass
-class _Plan:
+class TensorPlan:
     """How one output tensor is computed: Σ cᵢφᵢ (`coefficients`), or `compute(name, changes)` element-wise."""
 
     coefficients: list[float] | None = None
     compute: Callable[[str, list[torch.Tensor]], torch.Tensor] | None = None
 
 
-def wants_module_output(config: MergeConfig) -> bool:
-    """Every merged input (other than the base itself) is a module or PEFT adapter directory."""
-    _, entries = config.inputs()
-    refs = [e.model for e in entries if e.model != config.base_model]
-    return bool(refs) and all(Path(r).is_dir() and is_module(r) for r in refs)
-
-
-def linear_coefficients(method: MergeMethod, params: dict[str, Any], count: int) -> list[float] | None:
-    """cᵢ such that the method's output minus the base is Σ cᵢφᵢ, read off the method on unit inputs; None when
-    the method is not linear and shift-equivariant with these parameters."""
-    if method.name not in LINEAR_CANDIDATES:
-        return None
-
-    def run(values: list[float], base: float) -> float:
-        tensors = [torch.tensor([v], dtype=torch.float64) for v in values]
-        base_t = None if method.base == "ignored" else torch.tensor([base], dtype=torch.float64)
-        kwargs = dict(params)
-        if method.takes_out_dtype:
-            kwargs["out_dtype"] = torch.float64
-        return float(method.fn(tensors, base_t, **kwargs)[0])
-
-    if abs(run([1.0] * count, 1.0) - 1.0) > 1e-9:
-        return None
-    return [run([1.0 if j == i else 0.0 for j in range(count)], 0.0) for i in range(count)]
-
-
-def _method_plan(
-    config: MergeConfig, method: MergeMethod, count: int, base: Checkpoint | None, seed: int | None, layers: int | None
-) -> Callable[[str], _Plan]:
-    def plan(name: str) -> _Plan:
-        params = config.resolve(name, layer_position(name, layers))
-        coefficients = linear_coefficients(method, params, count)
-        if coefficients is not None:
-            return _Plan(coefficients=coefficients)
-        kwargs = dict(params)
-        if method.takes_out_dtype:
-            kwargs["out_dtype"] = torch.float32
-        if method.name in FAMILY:
-            def compute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
-                if method.randomized:
-                    kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
-                return method.fn(changes, torch.zeros_like(changes[0]), **kwargs).to(torch.float32)
-            return _Plan(compute=compute)
-        if base is None:
-            raise ModuleError(f"merging modules with {method.name} needs the base checkpoint (base_model / --base)")
-
-        def absolute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
-            theta0 = base.read(name).to(torch.float32)
-            if method.randomized:
-                kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(seed or 0, name))
-            merged = method.fn([theta0 + c for c in changes], None if method.base == "ignored" else theta0, **kwargs)
-            return merged.to(torch.float32) - theta0
-        return _Plan(compute=absolute)
-
-    return plan
-
-
-# ------------------------------------------------------------------------------------------- the loop
-
-
-def _output_kind(modules: Sequence[Module | None]) -> str:
+def output_kind(modules: Sequence[Module | None]) -> str:
     kinds = {m.kind for m in modules if m is not None}
     return kinds.pop() if len(kinds) == 1 and kinds <= {"lora", "sparse", "delta"} else "delta"
 
 
-def _check_rank(rank: int | None, modules: Sequence[Module | None]) -> None:
+def check_rank(rank: int | None, modules: Sequence[Module | None]) -> None:
     if rank is None:
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -149,7 +66,7 @@ def _check_rank(rank: int | None, modules: Sequence[Module | None]) -> None:
         )
 
 
-def _resolve_base(explicit: str | Checkpoint | None, modules: Sequence[Module | None]) -> Checkpoint | None:
+def resolve_base(explicit: str | Checkpoint | None, modules: Sequence[Module | None]) -> Checkpoint | None:
     if isinstance(explicit, Checkpoint):
         return explicit
     if explicit is not None:
@@ -163,7 +80,7 @@ def _resolve_base(explicit: str | Checkpoint | None, modules: Sequence[Module | 
     return None
 
 
-def _check_same_base(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], BaseRef | None]:
+def check_same_base(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], BaseRef | None]:
     """Every module against the base (or, without a base, against each other): refused naming both fingerprints."""
     warnings: list[str] = []
     present = [m for m in modules if m is not None]
@@ -190,7 +107,7 @@ def _merge_tensors(
     modules: Sequence[Module | None],
     names: list[str],
     shapes: dict[str, tuple[int, ...]],
-    plan: Callable[[str], _Plan],
+    plan: Callable[[str], TensorPlan],
     base: Checkpoint | None,
     rank: int | None,
     progress: bool,
@@ -275,7 +192,7 @@ def _finish(
     return worst
 
 
-def _open_all(refs: Sequence[str | None]) -> list[Module | None]:
+def open_modules(refs: Sequence[str | None]) -> list[Module | None]:
     opened: list[Module | None] = []
     try:
         for ref in refs:
@@ -288,7 +205,7 @@ def _open_all(refs: Sequence[str | None]) -> list[Module | None]:
     return opened
 
 
-def _names(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+def tensor_names(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for module in modules:
         if module is not None:
@@ -299,62 +216,7 @@ def _names(modules: Sequence[Module | None], base: Checkpoint | None) -> tuple[l
     return order, shapes
 
 
-def merge_modules(
-    config: MergeConfig,
-    out_dir: str | Path,
-    *,
-    force: bool = False,
-    seed: int | None = None,
-    progress: bool = True,
-    rank: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-) -> ModuleMergeResult:
-    """Merge the modules a config names into one module (see the module docstring)."""
-    started = time.perf_counter()
-    method = config.method
-    _, entries = config.inputs()
-    refs = [None if e.model == config.base_model else e.model for e in entries]
-    modules = _open_all(refs)
-    base = None
-    try:
-        _check_rank(rank, modules)
-        base = _resolve_base(config.base_model, modules)
-        warnings, base_ref = _check_same_base(modules, base)
-        ignored = [k for k in ("dtype", "out_dtype", "tokenizer_source") if getattr(config, k) is not None]
-        if ignored:
-            warnings.append(f"{', '.join(ignored)} do(es) not apply to a module output (changes are stored in float32)")
-        names, shapes = _names(modules, base)
-        layers = num_layers(base.config if base is not None else {}, list(base.tensors) if base is not None else names)
-        for name in names:  # every parameter of every tensor is resolved and checked before any math
-            config.resolve(name, layer_position(name, layers))
-        if method.randomized and seed is None:
-            seed = secrets.randbits(31)
-        plan = _method_plan(config, method, len(modules), base, seed, layers)
-        absolute = method.name not in FAMILY and any(
-            linear_coefficients(method, config.resolve(n, layer_position(n, layers)), len(modules)) is None for n in names
-        )
-        if absolute:  # evaluated on θ₀ + φᵢ: a tensor no module touches may change too (e.g. Σw ≠ 1)
-            if base is None:
-                raise ModuleError(f"merging modules with {method.name} (as configured) needs the base checkpoint (base_model / --base)")
-            names = _float_names(base)
-            shapes = {n: tuple(base.tensors[n].shape) for n in names}
-        provenance = {
-            "made_by": "posthoc merge", "method": method.name, "paper": method.paper, "config": config.to_dict(),
-            "seed": seed, "rank": rank,
-        }
-        return _write_module(
-            out_dir, modules, base_ref, base, names, shapes, plan, rank, provenance, None,
-            seed=seed, warnings=warnings, started=started, force=force, progress=progress, shard_size=shard_size,
-        )
-    finally:
-        for m in modules:
-            if m is not None:
-                m.close()
-        if base is not None:
-            base.close()
-
-
-def _write_module(
+def write_combined(
     out_dir: str | Path,
     modules: Sequence[Any],
     base_ref: BaseRef,
@@ -366,28 +228,27 @@ def _write_module(
     provenance: dict[str, Any],
     tags: dict[str, str] | None,
     *,
-    seed: int | None,
     warnings: list[str],
     started: float,
     force: bool,
     progress: bool,
     shard_size: int,
-) -> ModuleMergeResult:
-    """Merge the inputs tensor by tensor into one module at `out_dir` (atomically) and describe the result."""
+) -> CombinedModule:
+    """Write the plans' changes tensor by tensor into one module at `out_dir` (atomically) and describe it."""
     protect = [Path(m.path) for m in modules if m is not None] + ([base.directory] if base is not None else [])
-    builder = ModuleBuilder(out_dir, _output_kind(modules), base_ref, force=force, protect=protect, shard_size=shard_size)
+    builder = ModuleBuilder(out_dir, output_kind(modules), base_ref, force=force, protect=protect, shard_size=shard_size)
     with builder.writer:
         records = _merge_tensors(builder, modules, names, shapes, plan, base, rank, progress)
         worst = _finish(builder, base, records, provenance, tags)
         out = builder.commit()
-    return ModuleMergeResult(
+    return CombinedModule(
         out_dir=out, seconds=time.perf_counter() - started, num_tensors=len(builder.entries),
-        total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, seed=seed,
-        report=CompatReport([]), warnings=warnings + builder.warnings, kind=builder.kind, refactor_error=worst,
+        total_bytes=builder.writer.total_size, num_shards=builder.writer.num_shards, kind=builder.kind,
+        refactor_error=worst, warnings=warnings + builder.warnings,
     )
 
 
-def _float_names(base: Checkpoint) -> list[str]:
+def float_names(base: Checkpoint) -> list[str]:
     return [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
 
 
@@ -404,14 +265,14 @@ def combine(
     shard_size: int = DEFAULT_SHARD_SIZE,
     tags: dict[str, str] | None = None,
     provenance: dict[str, Any] | None = None,
-) -> ModuleMergeResult:
+) -> CombinedModule:
     """Σ sᵢφᵢ as one module (`posthoc stack --as-module`): exact for LoRA inputs unless a `rank` is asked."""
     started = time.perf_counter()
-    opened = _open_all([str(m) for m in modules])
+    opened = open_modules([str(m) for m in modules])
     resolved = None
     try:
-        _check_rank(rank, opened)
-        resolved = _resolve_base(base, opened)
+        check_rank(rank, opened)
+        resolved = resolve_base(base, opened)
         warnings: list[str] = []
         if resolved is not None:
             actual = fingerprint(resolved)
@@ -419,14 +280,14 @@ def combine(
                 warnings += module.check_base(resolved, fingerprint=actual, allow_mismatch=allow_base_mismatch)
             base_ref = BaseRef(resolved.architecture, actual, resolved.source, resolved.config.get("model_type"))
         else:
-            more, base_ref = _check_same_base(opened, None)
+            more, base_ref = check_same_base(opened, None)
             warnings += more
-        names, shapes = _names(opened, resolved)
+        names, shapes = tensor_names(opened, resolved)
         coefficients = [float(s) for s in scales]
         info = {**(provenance or {}), "modules": [str(m) for m in modules], "scales": coefficients, "rank": rank}
-        return _write_module(
-            out_dir, opened, base_ref, resolved, names, shapes, lambda name: _Plan(coefficients=coefficients), rank,
-            info, tags, seed=None, warnings=warnings, started=started, force=force, progress=progress,
+        return write_combined(
+            out_dir, opened, base_ref, resolved, names, shapes, lambda name: TensorPlan(coefficients=coefficients), rank,
+            info, tags, warnings=warnings, started=started, force=force, progress=progress,
             shard_size=shard_size,
         )
     finally:

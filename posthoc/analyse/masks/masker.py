@@ -44,21 +44,17 @@ from torch import nn
 from torch.func import functional_call
 
 from posthoc.analyse.calibration import is_causal_lm
-from posthoc.analyse.ffn import find_ffns
-from posthoc.analyse.maskmodule import checkpoint_name, neuron_entries, neuron_mask_name, write_mask_module
+from posthoc.analyse.evaluate import pooled_states
 from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
+from posthoc.analyse.texts import TokenizedTexts
 from posthoc.checkpoint import open_checkpoint
 from posthoc.data import TextClassificationData
 from posthoc.errors import ConfigError, DataError, IncompatibleError
-from posthoc.finetune import (
-    ClassificationHead,
-    as_head,
-    batch_indices,
-    linear_probe,
-    mean_pool,
-    torch_threads,
-)
+from posthoc.ffn import find_ffns
+from posthoc.finetune import ClassificationHead, as_head, batch_indices, linear_probe
+from posthoc.modules.masks import checkpoint_name, neuron_entries, neuron_mask_name, write_mask_module
 from posthoc.progress import progress_bar
+from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +133,6 @@ def mask_targets(model: nn.Module, granularity: str, ffn_modules: str | None = N
 
 
 # --------------------------------------------------------------------------------------------- tasks
-
-
-class TokenizedTexts:
-    """Texts tokenized once; batches are padded on demand (evaluation batches are sorted by length)."""
-
-    def __init__(self, tokenizer: Any, texts: Sequence[str], max_length: int):
-        self.tokenizer = tokenizer
-        self.encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in self.encoded]
-
-    def __len__(self) -> int:
-        return len(self.encoded["input_ids"])
-
-    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer.pad({k: [self.encoded[k][i] for i in rows] for k in self.keys}, return_tensors="pt"))
-
-    def by_length(self, batch_size: int) -> list[list[int]]:
-        order = sorted(range(len(self)), key=lambda i: -len(self.encoded["input_ids"][i]))
-        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 class ClassificationTask:
@@ -272,19 +249,6 @@ def _hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 
 
-def pooled_states(model: nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean-pooled last hidden states of `model` with `params` substituted: (batch, hidden).
-
-    Encoders pool `last_hidden_state` (as `posthoc.finetune.Encoder`); causal LMs their last hidden layer."""
-    if is_causal_lm(model):
-        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
-        out = functional_call(model, params, args=(), kwargs={**batch, "output_hidden_states": True})
-        hidden = out.hidden_states[-1]
-    else:
-        hidden = functional_call(model, params, args=(), kwargs=batch).last_hidden_state  # (batch, tokens, hidden)
-    return mean_pool(hidden, batch["attention_mask"])
-
-
 def _as_texts(data: Any) -> list[str]:
     if isinstance(data, TextClassificationData):
         return list(data.texts)
@@ -379,7 +343,7 @@ class SubnetworkMasker:
 
     def fit(self, model: Any, data: TextClassificationData | Sequence[str], *, tokenizer: Any = None) -> SubnetworkMasker:
         """Learn the mask. model: a checkpoint spec or a loaded transformers model (with `tokenizer`)."""
-        from posthoc.analyse.evaluate import load_model
+        from posthoc.models import load_model
 
         PARAMS.validate(self.get_params())
         task = self._make_task(data)  # data errors before minutes of loading

@@ -1,6 +1,6 @@
 """The README demo's cluster step: is the base encoder modular, and which neuron clusters track which topic?
 
-    from posthoc.analyse.cluster_demo import demo_step      # a DemoStep: demo_step(context) -> str
+    from posthoc.demo.clusters import demo_step      # a DemoStep: demo_step(context) -> str
 
 The base encoder's FFN neurons (all-MiniLM-L6-v2 in the real demo: 6 FFNs × 1536 neurons) are joined by
 the |correlation| of their activations on the demo's train texts (both tasks), cut into K = 8 communities
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from posthoc.demo import DemoContext
+    from posthoc.demo.context import DemoContext
 
 # What decides the cached output (with the base model and the texts).
 SETTINGS: dict[str, Any] = {
@@ -55,8 +55,8 @@ def _train_texts(context: DemoContext) -> tuple[list[str], list[str]]:
 
 def _fit_cached(context: DemoContext) -> tuple[Path, dict[str, Any], float | None]:
     """(output dir, clusters.json, seconds to fit or None when reused)."""
-    from posthoc.analyse.cluster import NeuronClusterer
-    from posthoc.analyse.cluster_report import write_cluster_output
+    from posthoc.analyse.cluster.clusterer import NeuronClusterer
+    from posthoc.analyse.cluster.run import write_cluster_output
 
     root = context.work_dir / "clusters"
     out, record_path = root / "output", root / RECORD

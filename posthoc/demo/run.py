@@ -16,7 +16,6 @@ settings that made them match (a small JSON next to each); the evaluation always
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,99 +29,40 @@ from typing import Any
 
 import torch
 
-from posthoc.data import DataSplit, TextClassificationData, load_bbc, stratified_split
-from posthoc.errors import ConfigError
+from posthoc.data import DataSplit, TextClassificationData
+from posthoc.demo.context import (
+    DemoContext,
+    DemoSettings,
+    DemoStep,
+    Task,
+    _embed_tasks,
+    _fingerprint,
+    demo_inputs,
+)
 from posthoc.finetune import (
     ClassificationHead,
-    Encoder,
-    FinetuneSettings,
     batch_indices,
     finetune,
     linear_probe,
     read_record,
 )
-from posthoc.merge import MergeConfig, merge_checkpoints
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.engine import merge as merge_checkpoints
+from posthoc.models import Encoder
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 
 
-@dataclass(frozen=True)
-class DemoContext:
-    """What the demo's later steps (modules, MoE-fication, clusters) get from its first part.
-
-    A step is `step(context) -> str`: it does its work under `work_dir / <its own folder>` (cached there
-    like the fine-tunes), and returns the text block the demo prints after the merge table.
-    """
-
-    work_dir: Path
-    base_dir: Path  # the base encoder checkpoint (all-MiniLM-L6-v2 unless a test passes a tiny one)
-    finetuned: dict[str, Path]  # task name -> fine-tuned encoder dir (its head saved beside, see ClassificationHead)
-    heads: dict[str, ClassificationHead]  # task name -> the head fine-tuned with it
-    splits: dict[str, DataSplit]  # task name -> train/validation/test of that task's labels
-    settings: DemoSettings
-    fresh: bool
-    threads: int | None
-    progress: bool
-
-
-DemoStep = Callable[[DemoContext], str]
-
-
 def extra_steps() -> list[tuple[str, DemoStep]]:
     """The demo's steps after merging, in order: (name, step). Imported here so the demo's first part stays light."""
-    from posthoc.analyse.cluster_demo import demo_step as cluster_step
-    from posthoc.analyse.moe_demo import demo_step as moe_step
-    from posthoc.modules.demo_step import demo_step as modules_step
-    from posthoc.recipes.soup import demo_task_soup
+    from posthoc.demo.clusters import demo_step as cluster_step
+    from posthoc.demo.modules import demo_step as modules_step
+    from posthoc.demo.moe import demo_step as moe_step
+    from posthoc.demo.soup import demo_task_soup
 
     return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", cluster_step), ("task soup", demo_task_soup)]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A classification task cut from a corpus: a name and the classes it keeps."""
-
-    name: str
-    label_names: tuple[str, ...]
-
-
-# Every BBC class pair is easy for a linear probe on the frozen base; these tasks each hold one of the
-# hardest pairs (business/politics 0.95, entertainment/tech 0.99 probe accuracy on the validation split,
-# against 1.00 for sports/tech), so neither task is solved before fine-tuning.
-BBC_TASKS = (Task("A", ("business", "politics", "sports")), Task("B", ("entertainment", "tech")))
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Everything that decides the demo's numbers (and so whether a cached result can be reused)."""
-
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    tasks: tuple[Task, Task] = BBC_TASKS
-    validation: float = 0.1
-    test: float = 0.2
-    split_seed: int = 0
-    # task arithmetic adds both task vectors (weight 1 each) scaled by λ; TIES takes the disjoint mean
-    # of the top-`ties_density` entries of each, scaled by λ. λ is picked on validation from these grids.
-    task_arithmetic_lambdas: tuple[float, ...] = (0.5, 0.75, 1.0)
-    ties_density: float = 0.2
-    ties_lambdas: tuple[float, ...] = (1.0, 1.5)
-    validation_per_class: int | None = 30  # examples per class that pick λ (None: the whole split)
-    test_per_class: int | None = None  # None: the whole test split
-    probe_steps: int = 500
-    eval_batch_size: int = 64
-    task_soup_profile: str = "demo"  # the profile of the bundled task_soup recipe that ends the demo
-
-    def __post_init__(self) -> None:
-        if len(self.tasks) != 2:
-            raise ConfigError(f"the demo merges two fine-tunes: give two tasks, got {len(self.tasks)}")
-        if self.tasks[0].name == self.tasks[1].name:
-            raise ConfigError(f"the two tasks need different names, got {self.tasks[0].name!r} twice")
-        if not (0 < self.ties_density <= 1):
-            raise ConfigError(f"The 'ties_density' setting of the demo must be in (0, 1]. Got {self.ties_density} instead.")
-        if not self.task_arithmetic_lambdas or not self.ties_lambdas:
-            raise ConfigError("each merge method needs at least one λ to try")
 
 
 @dataclass
@@ -339,31 +279,6 @@ def run_demo(
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def demo_inputs(
-    settings: DemoSettings,
-    base_dir: str | os.PathLike[str] | None = None,
-    data: TextClassificationData | None = None,
-) -> tuple[Path, dict[str, DataSplit]]:
-    """The base encoder (the packaged all-MiniLM-L6-v2 unless given) and each task's train/validation/test split."""
-    if base_dir is None:
-        from posthoc.assets import minilm_dir
-
-        base_dir = minilm_dir()
-    data = data if data is not None else load_bbc()
-    split = stratified_split(data, validation=settings.validation, test=settings.test, seed=settings.split_seed)
-    return Path(base_dir), {task.name: split.subset(task.label_names) for task in settings.tasks}
-
-
-def _fingerprint(data: TextClassificationData) -> str:
-    """A hash of texts and labels: a cached artifact is reused only for the very same examples."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(data.label_names).encode())
-    for text, label in zip(data.texts, data.labels):
-        digest.update(f"{label}\0{len(text)}\0".encode())
-        digest.update(text.encode())
-    return digest.hexdigest()[:16]
-
-
 def _finetune_cached(
     out: Path,
     base_dir: Path,
@@ -506,25 +421,3 @@ def _merge_and_validate(
     return accuracy, False
 
 
-def _embed_tasks(
-    encoder: Encoder,
-    sets: dict[str, TextClassificationData],
-    settings: DemoSettings,
-    threads: int | None,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Embed the texts of every task in one pass (one model, one batching) and cut the result per task."""
-    names = list(sets)
-    texts: list[str] = [text for name in names for text in sets[name].texts]
-    embeddings = encoder.embed(
-        texts,
-        batch_size=settings.eval_batch_size,
-        max_length=settings.finetune.max_length,
-        threads=threads,
-        progress=progress,
-    )
-    out, start = {}, 0
-    for name in names:
-        out[name] = embeddings[start : start + len(sets[name])]
-        start += len(sets[name])
-    return out

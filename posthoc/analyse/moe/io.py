@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-import posthoc
-from posthoc.analyse.ffn import FFN
 from posthoc.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, copy_side_files, open_checkpoint
+from posthoc.ffn import FFN
 from posthoc.modules.format import MODULE_FILE, BaseRef, Manifest, ModuleError, fingerprint, read_manifest
+from posthoc.provenance import __version__
 
 FORMAT = "posthoc-experts"
 EXPERTS_FORMAT_VERSION = 1
@@ -108,7 +108,7 @@ def structure(moe: Any) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "experts_format_version": EXPERTS_FORMAT_VERSION,
-        "posthoc_version": posthoc.__version__,
+        "posthoc_version": __version__,
         "params": _jsonable(params),
         "layers": layers,
         "tokens": getattr(moe, "tokens_", None),
@@ -120,7 +120,7 @@ def structure(moe: Any) -> dict[str, Any]:
 
 
 def _router_shape(router: torch.nn.Module) -> dict[str, Any]:
-    from posthoc.analyse.moe_layers import MLPRouter
+    from posthoc.analyse.moe.layers import MLPRouter
 
     if isinstance(router, MLPRouter):
         return {"class": "MLPRouter", "hidden": router.first.out_features}
@@ -193,7 +193,7 @@ def read_structure(directory: Path) -> tuple[Manifest, dict[str, Any]]:
     if version != EXPERTS_FORMAT_VERSION:
         raise ModuleError(
             f"{path}: written by posthoc {info.get('posthoc_version', '?')} with experts format {version!r}; this "
-            f"posthoc ({posthoc.__version__}) reads format {EXPERTS_FORMAT_VERSION}: use that posthoc version or "
+            f"posthoc ({__version__}) reads format {EXPERTS_FORMAT_VERSION}: use that posthoc version or "
             "run `posthoc split moe` again"
         )
     return manifest, info
@@ -216,7 +216,7 @@ def read_output(cls: Any, directory: Path) -> Any:
     moe.recall_ = [layer.get("recall", {}) for layer in layers]
     moe.routers_ = []
     moe.heal_state_ = []
-    from posthoc.analyse.moe_layers import make_router
+    from posthoc.analyse.moe.layers import make_router
 
     d = int(tensors["0.router.centroid.weight"].shape[1])
     for i, layer in enumerate(layers):

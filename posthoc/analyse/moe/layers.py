@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from posthoc.analyse.ffn import FFN, FFNWeights, get_module
 from posthoc.errors import ConfigError
+from posthoc.ffn import FFN, FFNWeights, get_module
 
 ROUTERS = ("centroid", "mlp", "gate", "oracle")
 ROUTINGS = ("topk", "threshold")
@@ -220,7 +220,7 @@ class MoEFFN(nn.Module):
 
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Activation mass per routed expert (T, E) from all neurons' activations (T, d_ff)."""
-        from posthoc.analyse.ffn import neuron_scores
+        from posthoc.ffn import neuron_scores
 
         s = neuron_scores(h[:, self.shared :], self.down_t[self.shared :].norm(dim=1), self.score)
         index = torch.repeat_interleave(torch.arange(self.experts, device=h.device), torch.tensor(self.sizes))
@@ -502,3 +502,16 @@ def set_routing(model: nn.Module, **kwargs: Any) -> None:
     """Change top_k / routing / threshold of every MoE layer (e.g. to sweep the fraction of experts)."""
     for layer in moe_layers(model):
         layer.set_routing(**kwargs)
+
+
+def calibrate_threshold(unit: torch.Tensor, k: float) -> float:
+    """Threshold τ on per-token unit scores (T, E) such that the mean of max(1, #{u >= τ}) is about k."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        count = (unit >= mid).sum(1).clamp(min=1).float().mean().item()
+        if count > k:
+            lo = mid
+        else:
+            hi = mid
+    return hi

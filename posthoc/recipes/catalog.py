@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from posthoc.recipes.spec import RecipeError
+from posthoc.errors import RecipeError
 
 
 def bundled_dir() -> Path | None:

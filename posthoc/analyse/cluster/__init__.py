@@ -1,0 +1,1 @@
+"""Activation and weight clustering: neuron graphs, communities, modularity against shuffled baselines."""
