@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from posthoc.cli.main import parse_assignment
+
 from posthoc.recipes import run_recipe
-from posthoc.recipes.spec import parse_assignment
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -17,8 +18,9 @@ from .main import main, reports_errors
 def check(models: tuple[str, ...], base: str | None) -> None:
     """Compatibility report of MODELS before any merge: architectures, tensor names, shapes, dtypes,
     vocabulary sizes and tied embeddings. Exits 1 when they cannot be merged."""
-    opened = [open_checkpoint(m) for m in ([base] if base else []) + list(models)]
-    report = check_compatible(opened, reference=opened[0])
+    with contextlib.ExitStack() as stack:  # every checkpoint opened is closed, also when a later one fails
+        opened = [stack.enter_context(open_checkpoint(m)) for m in ([base] if base else []) + list(models)]
+        report = check_compatible(opened, reference=opened[0])
     click.echo(report.render())
     if not report.ok:
         sys.exit(1)

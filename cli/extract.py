@@ -3,21 +3,10 @@ from __future__ import annotations
 import click
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
-from posthoc.errors import ConfigError
 from posthoc.modules.extraction import EXTRACT_KINDS
 from posthoc.modules.extraction import extract as extract_module
 
-from .main import main, parse_size, reports_errors
-
-
-def _tags(values: tuple[str, ...]) -> dict[str, str]:
-    tags = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--tag expects KEY=VALUE (e.g. task=news), got {item!r}")
-        key, value = item.split("=", 1)
-        tags[key.strip()] = value.strip()
-    return tags
+from .main import KeyValue, main, parse_size, reports_errors
 
 
 @main.command()
@@ -34,7 +23,8 @@ def _tags(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--full", "full", multiple=True, metavar="SUBSTRING", help="lora: keep tensors whose name contains this whole.")
 @click.option("--calib", type=click.Path(dir_okay=False), help="Text file (one text per line): measure agreement with the fine-tune.")
 @click.option("--calib-limit", type=int, default=256, show_default=True, help="At most this many calibration texts.")
-@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Free tags in the manifest (task=…, language=…).")
+@click.option("--tag", "tags", type=KeyValue(as_text=True, example="task=news"), multiple=True, metavar="KEY=VALUE",
+              help="Free tags in the manifest (task=…, language=…).")
 @click.option("--shard-size", default=f"{DEFAULT_SHARD_SIZE // 10**9}GB", show_default=True, help="Max bytes per module shard.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -42,13 +32,13 @@ def _tags(values: tuple[str, ...]) -> dict[str, str]:
 def extract(
     base: str, tuned: str, out_dir: str, kind: str, density: float | None, per_tensor: bool, rank: int | None,
     energy: float | None, max_rank: int | None, full: tuple[str, ...], calib: str | None, calib_limit: int,
-    tags: tuple[str, ...], shard_size: str, force: bool, quiet: bool,
+    tags: tuple[tuple[str, str], ...], shard_size: str, force: bool, quiet: bool,
 ) -> None:
     """Turn the fine-tune TUNED of BASE into a module in OUT_DIR (delta, sparse or LoRA), with a fidelity
     report (fidelity.json, report.html). A lora module is also a PEFT adapter directory."""
     result = extract_module(
         base, tuned, out_dir, kind=kind, density=density, per_tensor=per_tensor, rank=rank, energy=energy,
-        max_rank=max_rank, full=full, calib=calib, calib_limit=calib_limit, tags=_tags(tags), force=force,
+        max_rank=max_rank, full=full, calib=calib, calib_limit=calib_limit, tags=dict(tags), force=force,
         progress=not quiet, shard_size=parse_size(shard_size),
     )
     for warning in result.warnings:

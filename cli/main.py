@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import yaml
 
 from posthoc.errors import PosthocError
 from posthoc.provenance import __version__
@@ -48,6 +49,42 @@ def parse_size(text: str) -> int:
     base = 1024 if "i" in unit else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[:1]]
     return int(number * base**power)
+
+
+def parse_assignment(text: str, *, as_text: bool = False) -> tuple[str, Any]:
+    """`KEY=VALUE` from a command line, as (key, value) without the spaces around either.
+
+    The value is read as a YAML scalar or list (`3`, `0.5`, `true`, `[de, fr]`; text that is not valid YAML
+    stays text, an empty value is ""), or kept as text with `as_text`. ValueError when there is no '='."""
+    if "=" not in text:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    if as_text:
+        return key.strip(), raw.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+class KeyValue(click.ParamType):
+    """A `KEY=VALUE` option (`merge --set`, `extract --tag`, `recipe run --set`), converted to (key, value) by
+    `parse_assignment`; a repeatable one gives a tuple of pairs, which `dict()` turns into the settings."""
+
+    name = "KEY=VALUE"
+
+    def __init__(self, *, as_text: bool = False, example: str | None = None):
+        self.as_text, self.example = as_text, example
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, Any]:
+        if isinstance(value, tuple):  # converted already
+            return value
+        try:
+            return parse_assignment(str(value), as_text=self.as_text)
+        except ValueError:
+            example = f" (e.g. {self.example})" if self.example else ""
+            self.fail(f"expected KEY=VALUE{example}, got {value!r}", param, ctx)
 
 
 # command -> the modules of posthoc.cli that define it (and its subcommands)

@@ -1,52 +1,25 @@
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import click
-import yaml
 
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE
-from posthoc.errors import ConfigError
 from posthoc.merge.config import MergeConfig
 from posthoc.merge.engine import merge as merge_checkpoints
 from posthoc.merge.registry import REGISTRY
 
-from .main import main, parse_size, reports_errors
+from .main import KeyValue, main, parse_size, reports_errors
 
 
 def _methods_help() -> str:
-    return "\n".join(f"  {m.name:<17} {m.summary}" for m in REGISTRY.values())
-
-
-def _flag_config(
-    method: str, base: str | None, models: tuple[str, ...], weights: tuple[float, ...], settings: dict[str, Any]
-) -> dict[str, Any]:
-    """The YAML a flag-form merge stands for."""
-    if weights and len(weights) not in (1, len(models)):
-        raise ConfigError(f"give one --weight for all models or one per model ({len(models)}), got {len(weights)}")
-    spec = REGISTRY.get(method)
-    entries = []
-    for i, model in enumerate(models):
-        parameters = {}
-        if spec is not None and "weight" in spec.params:
-            parameters["weight"] = weights[i] if len(weights) == len(models) else (weights[0] if weights else 1.0)
-        entries.append({"model": model, **({"parameters": parameters} if parameters else {})})
-    config: dict[str, Any] = {"merge_method": method, "models": entries}
-    if base:
-        config["base_model"] = base
-    if settings:
-        config["parameters"] = settings
-    return config
-
-
-def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
-    settings = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        settings[key.strip()] = yaml.safe_load(value)
-    return settings
+    """Each method, its summary and its parameters (as the registry declares them)."""
+    lines = []
+    for m in REGISTRY.values():
+        lines.append(f"  {m.name:<17} {m.summary}")
+        lines += textwrap.wrap(m.describe(), width=98, initial_indent=" " * 20, subsequent_indent=" " * 20)
+    return "\n".join(lines)
 
 
 @main.command(epilog="\b\nMethods:\n" + _methods_help())
@@ -58,7 +31,8 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--density", type=float, help="Flag form: fraction of each task vector kept (TIES, DARE …).")
 @click.option("--lambda", "lambda_", type=float, help="Flag form: scale of the merged task vector.")
 @click.option("--t", "t", type=float, help="Flag form: slerp interpolation factor (0 = base).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Flag form: any other method parameter.")
+@click.option("--set", "sets", type=KeyValue(), multiple=True, metavar="KEY=VALUE",
+              help="Flag form: any other method parameter (a YAML value).")
 @click.option("--dtype", help="Round inputs to this dtype before merging (as mergekit's `dtype`).")
 @click.option("--out-dtype", help="dtype of the written tensors.")
 @click.option("--seed", type=int, help="Seed of randomized methods (DARE, DELLA); recorded in the output.")
@@ -77,7 +51,7 @@ def merge(
     density: float | None,
     lambda_: float | None,
     t: float | None,
-    sets: tuple[str, ...],
+    sets: tuple[tuple[str, Any], ...],
     dtype: str | None,
     out_dtype: str | None,
     seed: int | None,
@@ -101,16 +75,11 @@ def merge(
     else:
         if not args or output is None:
             raise click.UsageError("the flag form needs MODEL… and -o OUT_DIR")
-        settings = _parse_set(sets)
+        settings = dict(sets)
         for key, value in (("density", density), ("lambda", lambda_), ("t", t)):
             if value is not None:
                 settings[key] = value
-        data = _flag_config(method, base, args, weights, settings)
-        if dtype:
-            data["dtype"] = dtype
-        if out_dtype:
-            data["out_dtype"] = out_dtype
-        config = MergeConfig.from_dict(data, where="flags")
+        config = MergeConfig.from_flags(method, base, args, weights, settings, dtype=dtype, out_dtype=out_dtype)
         out_dir = output
     result = merge_checkpoints(
         config, out_dir, force=force, shard_size=parse_size(shard_size), seed=seed, progress=not quiet, rank=rank,

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from posthoc.recipes import list_recipes, run_recipe
-from posthoc.recipes.spec import parse_assignment
 
-from .main import main, reports_errors
+from .main import KeyValue, main, reports_errors
 
 
 @main.group()
@@ -28,18 +29,19 @@ def list_command() -> None:
 @recipe.command("run")
 @click.argument("recipe_file")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Where outputs go (default: recipes-output/NAME).")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Override a variable (repeatable).")
+@click.option("--set", "assignments", type=KeyValue(), multiple=True, metavar="KEY=VALUE",
+              help="Override a variable (a YAML value; repeatable).")
 @click.option("--profile", help="A named set of overrides from the recipe (e.g. reduced: few steps, few examples).")
 @click.option("--fresh", is_flag=True, help="Run every step, even those whose outputs are up to date.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: all this process may use).")
 @click.option("--progress/--quiet", default=True, help="Progress bars.")
 @reports_errors
 def run_command(
-    recipe_file: str, work_dir: str | None, assignments: tuple[str, ...], profile: str | None, fresh: bool,
+    recipe_file: str, work_dir: str | None, assignments: tuple[tuple[str, Any], ...], profile: str | None, fresh: bool,
     threads: int | None, progress: bool,
 ) -> None:
     """Run RECIPE_FILE (a path, or the name of a bundled recipe); print each step and the result tables."""
-    overrides = dict(parse_assignment(a) for a in assignments)
+    overrides = dict(assignments)
     result = run_recipe(recipe_file, work_dir, overrides=overrides, profile=profile, fresh=fresh, threads=threads,
                         progress=progress, echo=click.echo)  # fmt: skip
     for table in result.tables():

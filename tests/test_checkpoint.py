@@ -162,3 +162,20 @@ def test_gguf_input_merges_into_a_loadable_checkpoint(tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     text = tokenizer.decode(model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
     assert "Paris" in text
+
+
+def test_check_command_closes_every_checkpoint_it_opens(llama_family, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from posthoc.cli import main
+
+    base, tuned = llama_family
+    closed = []
+    close = ckpt_io.Checkpoint.close
+    monkeypatch.setattr(ckpt_io.Checkpoint, "close", lambda self: closed.append(self.source) or close(self))
+    result = CliRunner().invoke(main, ["check", str(base), *map(str, tuned)])
+    assert result.exit_code == 0, result.output
+    assert sorted(closed) == sorted(map(str, [base, *tuned]))
+    closed.clear()
+    result = CliRunner().invoke(main, ["check", str(base), str(tuned[0]), str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "missing" in result.output  # one failed to open: those before are closed
+    assert sorted(closed) == sorted(map(str, [base, tuned[0]]))

@@ -14,6 +14,7 @@ from conftest import read_all
 from posthoc.cli import main
 from test_merge_methods import numpy_ties
 
+from posthoc.errors import ConfigError
 from posthoc.merge.config import MergeConfig
 from posthoc.merge.engine import merge as merge_checkpoints
 
@@ -125,6 +126,55 @@ def test_flag_form_equals_yaml(llama_family, tmp_path):
     assert json.loads((tmp_path / "a" / "posthoc_merge.json").read_text())["seed"] == 3
 
 
+def test_config_from_flags_is_the_yaml_it_stands_for():
+    flags = MergeConfig.from_flags("ties", "b", ("m1", "m2"), (1.0, 0.5), {"density": 0.2, "lambda": 0.8},
+                                   dtype="bfloat16", out_dtype="float32")
+    assert flags == MergeConfig.from_dict({
+        "merge_method": "ties", "base_model": "b",
+        "models": [{"model": "m1", "parameters": {"weight": 1.0}}, {"model": "m2", "parameters": {"weight": 0.5}}],
+        "parameters": {"density": 0.2, "lambda": 0.8}, "dtype": "bfloat16", "out_dtype": "float32",
+    })
+    assert flags.dtype == torch.bfloat16 and flags.out_dtype == torch.float32
+    one = MergeConfig.from_flags("linear", None, ["a", "b", "c"], [2.0])  # one weight for every model
+    assert [m.parameters for m in one.models] == [{"weight": 2.0}] * 3 and one.base_model is None
+    default = MergeConfig.from_flags("task_arithmetic", "b", ["a"])
+    assert default.models[0].parameters == {"weight": 1.0} and default.parameters == {}
+    slerp = MergeConfig.from_flags("slerp", "b", ["a"], (), {"t": 0.3})  # no `weight` parameter: none given
+    assert slerp.models[0].parameters == {} and slerp.parameters == {"t": 0.3}
+    with pytest.raises(ConfigError, match=r"^give one --weight for all models or one per model \(3\), got 2$"):
+        MergeConfig.from_flags("linear", None, ["a", "b", "c"], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="unknown merge method 'tie'; valid methods: .*ties"):
+        MergeConfig.from_flags("tie", "b", ["a"])
+    with pytest.raises(ConfigError, match="^flags: slerp needs parameter 't'$"):
+        MergeConfig.from_flags("slerp", "b", ["a"])
+    with pytest.raises(ConfigError, match="^flags: .*dtype"):
+        MergeConfig.from_flags("linear", None, ["a"], dtype="float7")
+
+
+def test_key_value_options_share_one_parser(tmp_path):
+    """merge --set, recipe run --set (YAML values) and extract --tag (text) read KEY=VALUE the same way."""
+    from posthoc.cli.main import parse_assignment
+
+    assert parse_assignment(" lambda = 0.8") == ("lambda", 0.8)
+    assert parse_assignment("languages=[de, fr]") == ("languages", ["de", "fr"])
+    assert parse_assignment("normalize=false") == ("normalize", False)
+    assert parse_assignment("a=b=c") == ("a", "b=c")
+    assert parse_assignment("x=") == ("x", "") and parse_assignment("x=[1,") == ("x", "[1,")  # not YAML: text
+    assert parse_assignment(" task = news ", as_text=True) == ("task", "news")
+    assert parse_assignment("steps=3", as_text=True) == ("steps", "3")
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_assignment("nope")
+    out = tmp_path / "out"
+    for args, example in (
+        (["merge", "--method", "ties", "--set", "nope", "-o", out, "m"], ""),
+        (["extract", "b", "t", out, "--tag", "nope"], " (e.g. task=news)"),
+        (["recipe", "run", "r.yaml", "--set", "nope"], ""),
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and f"expected KEY=VALUE{example}, got 'nope'" in result.output, result.output
+    assert not out.exists()
+
+
 def test_random_method_without_seed_records_the_seed_it_drew(llama_family, tmp_path):
     base, tuned = llama_family
     config = MergeConfig.from_dict(
@@ -179,7 +229,7 @@ def test_tensors_merged_in_parallel_write_the_same_bytes(llama_family, tmp_path,
         reference = (tmp_path / "one" / name).read_bytes()
         assert (tmp_path / "four" / name).read_bytes() == reference
         assert (tmp_path / "alone" / name).read_bytes() == reference
-    assert engine._workers(2) == (2, 1) and engine._workers(1) == (1, 1) and engine._workers(16) == (4, 4)
+    assert engine.split_threads(2) == (2, 1) and engine.split_threads(1) == (1, 1) and engine.split_threads(16) == (4, 4)
 
 
 def test_slerp_read_lazily_by_rows_matches_whole(llama_family, tmp_path, monkeypatch):
@@ -306,12 +356,12 @@ def test_vocabulary_alignment_by_token(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_finite_check_sees_every_nan_and_inf_and_no_false_alarm(dtype):
-    from posthoc.merge.engine import _all_finite
+    from posthoc.merge.engine import all_finite
 
     big = torch.full((3_000_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # its sum overflows: all finite still
-    assert _all_finite(big) and _all_finite(torch.zeros(0, dtype=dtype)) and _all_finite(torch.arange(5))
+    assert all_finite(big) and all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(5))
     for bad in (math.nan, math.inf, -math.inf):
         for position in (0, 1_500_000, 2_999_999):
             x = big.clone()
             x[position] = bad
-            assert not _all_finite(x), (bad, position)
+            assert not all_finite(x), (bad, position)

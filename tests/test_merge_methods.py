@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from typing import Annotated
 
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ import torch
 
 from posthoc import sparsify
 from posthoc.errors import ConfigError
-from posthoc.merge.registry import REGISTRY, get_method
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.modules import linear_coefficients
+from posthoc.merge.registry import REGISTRY, Param, PerModel, Required, get_method, merge_method
 
 
 def rand(*shape, seed=0):
@@ -357,7 +361,192 @@ def test_every_method_honours_the_contract(name):
     assert all(torch.equal(a, b) for a, b in zip(xs, copies[0])) and torch.equal(base, copies[1])
     assert method.paper.startswith("http") and method.summary
     for spec in method.params.values():
-        assert spec.kind in (float, bool)
+        assert spec.kind in (float, int, bool)
+
+
+# Values a check may draw for a parameter, where its declared range alone would allow degenerate merges
+# (weights that cancel, densities with too few entries, DELLA's density ± epsilon outside (0, 1)).
+TEST_RANGES = {"weight": (0.2, 1.5), "scale": (0.2, 1.5), "lambda": (0.5, 1.5), "density": (0.3, 0.7),
+               "gamma": (0.0, 0.2), "epsilon": (0.0, 0.25), "t": (0.0, 1.0), "eps": (1e-9, 1e-7)}
+
+
+def random_arguments(method, count: int, rng: random.Random, defaults: bool = False) -> dict:
+    """Keyword arguments of `method` (by Python name, per-model ones one per input) drawn at random, or with
+    `defaults` its defaults (random values only where a parameter is required)."""
+    def draw(spec):
+        if spec.kind is bool:
+            return rng.random() < 0.5
+        low, high = TEST_RANGES.get(spec.name, (spec.scope.low or 0.0, spec.scope.high or 2.0))
+        value = rng.uniform(low, high)
+        return round(value) if spec.kind is int else value
+
+    arguments = {}
+    for spec in method.params.values():
+        if defaults and not spec.required:
+            value = [spec.default] * count if spec.scope.per_model else spec.default
+        else:
+            value = [draw(spec) for _ in range(count)] if spec.scope.per_model else draw(spec)
+        arguments[spec.argument] = value
+    if method.validate is not None:
+        method.validate({spec.name: arguments[spec.argument] for spec in method.params.values()}, "test")
+    return arguments
+
+
+def run_method(method, tensors, base, arguments, seed=0):
+    kwargs = dict(arguments)
+    if method.randomized:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return method.fn([t.clone() for t in tensors], None if base is None else base.clone(), **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_what_a_method_declares_linear_is(name):
+    """`linear`: the output is Σ aᵢθᵢ (+ a₀θ₀) with coefficients set by the parameters alone, and where
+    `linear_coefficients` reads coefficients off the method, output − θ₀ = Σ cᵢ(θᵢ − θ₀) on any inputs.
+    A method that does not declare it is never given coefficients (the module path does not treat it as linear)."""
+    method = REGISTRY[name]
+    count = method.max_models or max(3, method.min_models)
+    rng = random.Random(name)
+    if not method.linear:
+        for defaults in (True, False):
+            assert linear_coefficients(method, random_arguments(method, count, rng, defaults), count) is None
+        return
+
+    def f(base, xs, arguments):
+        return run_method(method, xs, None if method.base == "ignored" else base, arguments)
+
+    read = 0
+    for trial in range(6):
+        arguments = random_arguments(method, count, rng, defaults=trial == 0)
+        theta0 = rand(9, 7, seed=10 * trial).double()
+        phis = [rand(9, 7, seed=10 * trial + i + 1).double() for i in range(count)]
+        others = [rand(9, 7, seed=100 + 10 * trial + i).double() for i in range(count + 1)]
+        xs = [theta0 + phi for phi in phis]
+        combined = f(2 * theta0 - 3 * others[0], [2 * x - 3 * y for x, y in zip(xs, others[1:])], arguments)
+        expected = 2 * f(theta0, xs, arguments) - 3 * f(others[0], others[1:], arguments)
+        torch.testing.assert_close(combined, expected, rtol=1e-9, atol=1e-9)
+        coefficients = linear_coefficients(method, arguments, count)
+        if coefficients is not None:
+            read += 1
+            expected = sum(c * phi for c, phi in zip(coefficients, phis))
+            torch.testing.assert_close(f(theta0, xs, arguments) - theta0, expected, rtol=1e-9, atol=1e-9)
+    assert read, "no parameters tried made the method shift-equivariant: its coefficients were never checked"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_what_a_method_declares_on_task_vectors_is(name):
+    """`on_task_vectors`: f(θ₀ + φ; θ₀) = θ₀ + f(φ; 0) with the same seed, for random parameters and inputs."""
+    method = REGISTRY[name]
+    if not method.on_task_vectors:
+        return
+    assert method.base != "ignored"
+    count = max(3, method.min_models) if method.max_models is None else method.max_models
+    rng = random.Random(name)
+    for trial in range(4):
+        arguments = random_arguments(method, count, rng, defaults=trial == 0)
+        theta0 = rand(40, 30, seed=10 * trial).double()
+        phis = [0.05 * rand(40, 30, seed=10 * trial + i + 1).double() for i in range(count)]
+        on_base = run_method(method, [theta0 + phi for phi in phis], theta0, arguments, seed=trial)
+        on_zero = run_method(method, phis, torch.zeros_like(theta0), arguments, seed=trial)
+        torch.testing.assert_close(on_base, theta0 + on_zero, rtol=1e-9, atol=1e-9)
+
+
+def test_the_family_declares_its_flags_and_shares_its_sparsifications():
+    from posthoc.merge.methods import TASK_ARITHMETIC_FAMILY
+
+    assert {m.name for m in REGISTRY.values() if m.on_task_vectors} == {m.name for m in TASK_ARITHMETIC_FAMILY}
+    assert sorted(m.name for m in REGISTRY.values() if m.linear) == ["linear", "passthrough", "task_arithmetic"]
+    for member in TASK_ARITHMETIC_FAMILY:
+        method = REGISTRY[member.name]
+        assert method.randomized == (member.sparsification is not None and member.sparsification.randomized)
+        assert method.summary == member.summary and method.paper == member.paper
+        if member.sparsification is not None:  # its own parameters, right after density
+            own = [p.name for p in member.sparsification.params]
+            names = list(method.params)
+            assert names[1:2 + len(own)] == ["density", *own]
+
+
+def test_a_new_family_member_is_one_declaration():
+    """TIES with rescale on by default, declared in one place, merges like `ties` with rescale=True."""
+    from posthoc.merge.methods import MAGNITUDE, FamilyMember
+    from posthoc.merge.registry import register
+
+    member = FamilyMember("ties_rescaled_test", MAGNITUDE, consensus=True, normalize=True, rescale=True,
+                          paper="https://example.org/ties-rescaled", summary="TIES with the L1 norm kept")
+    register(member.method())
+    try:
+        method = get_method("ties_rescaled_test")
+        assert method.on_task_vectors and not method.linear and not method.randomized
+        assert method.params["rescale"].default is True and list(method.params) == list(REGISTRY["ties"].params)
+        base = rand(20, 30, seed=1)
+        xs = [base + 0.05 * rand(20, 30, seed=10 + i) for i in range(3)]
+        w, dens = [0.5, 1.0, 0.7], [0.2, 0.5, 0.1]
+        expected = call("ties", xs, base, weight=w, density=dens, rescale=True)
+        assert torch.equal(call("ties_rescaled_test", xs, base, weight=w, density=dens), expected)
+    finally:
+        REGISTRY.pop("ties_rescaled_test")
+
+
+@pytest.fixture()
+def throwaway():
+    """Register test methods; they leave the registry after the test."""
+    names = []
+
+    def declare(fn, name, **options):
+        merge_method(name, **options)(fn)
+        names.append(name)
+        return REGISTRY[name]
+
+    yield declare
+    for name in names:
+        REGISTRY.pop(name, None)
+
+
+def iterate(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: PerModel = Required,
+    max_iter: int = 10,
+    steps: Annotated[list[int], Param(per_model=True, low=1, high=100)] = 1,
+) -> torch.Tensor:
+    """A test method with integer parameters."""
+    assert type(max_iter) is int and all(type(s) is int for s in steps)
+    return tensors[0] * max_iter
+
+
+def test_an_int_parameter_arrives_as_an_int(throwaway):
+    method = throwaway(iterate, "iterate_test", base="ignored", paper="https://example.org/iterate")
+    assert method.params["max_iter"].kind is int and method.params["steps"].kind is int
+    assert "max_iter (global, integer, 10)" in method.describe()
+    assert "steps (per model, integer, 1)" in method.describe()
+
+    def resolved(**parameters):
+        config = MergeConfig.from_dict({"merge_method": "iterate_test", "models": [
+            {"model": "m", "parameters": {"weight": 1, **parameters.pop("per_model", {})}}], "parameters": parameters})
+        return config.resolve("layers.0.weight", 0.0)
+
+    for written in (10, 10.0):  # YAML `10` and `10.0`
+        value = resolved(max_iter=written)["max_iter"]
+        assert value == 10 and type(value) is int
+    assert resolved()["max_iter"] == 10 and resolved(per_model={"steps": 3.0})["steps"] == [3]
+    out = get_method("iterate_test").fn([torch.ones(2)], None, **resolved(max_iter=4.0))
+    assert torch.equal(out, torch.full((2,), 4.0))
+    for bad, expected in ((10.5, "an integer"), (True, "an integer"), ("ten", "must be an integer")):
+        with pytest.raises(ConfigError) as error:
+            resolved(max_iter=bad)
+        message = str(error.value)
+        assert "'max_iter'" in message and expected in message and "\n" not in message, message
+    with pytest.raises(ConfigError, match=r"'steps'.* must be an integer in \[1, 100\], got 0"):
+        resolved(per_model={"steps": 0})
+
+
+def test_range_texts_read_right_for_numbers_and_integers():
+    assert Param(low=0.0, high=1.0, low_open=True).range_text() == "a number in (0, 1]"
+    assert Param(low=1).range_text(integer=True) == "an integer in [1, inf)"
+    assert Param(low=1, high=1e6).range_text(integer=True) == "an integer in [1, 1000000]"
+    assert Param(low=0.0, low_open=True).range_text() == "a number in (0, inf)"
+    assert Param().range_text() == "a number" and Param().range_text(integer=True) == "an integer"
 
 
 def test_unknown_method_lists_valid_ones():

@@ -15,6 +15,7 @@ from posthoc.cli import main
 
 from posthoc.merge.config import MergeConfig
 from posthoc.merge.engine import merge as merge_checkpoints
+from posthoc.merge.registry import REGISTRY, PerModel, Required, merge_method
 from posthoc.modules import lowrank
 from posthoc.modules.apply import stack
 from posthoc.modules.extraction import extract
@@ -150,3 +151,35 @@ def test_slerp_of_a_module_needs_and_uses_the_base(bert_pair, loras, tmp_path):
     ref = read_all(reference.out_dir)
     for name, value in read_all(tmp_path / "stacked").items():
         torch.testing.assert_close(value, ref[name], atol=1e-6, rtol=0)
+
+
+def test_a_method_that_declares_nothing_is_run_on_the_base_plus_the_changes(bert_pair, loras, tmp_path):
+    """The module path goes by what the registry declares, not by what a function computes: a weighted sum of
+    task vectors that declares neither `linear` nor `on_task_vectors` is evaluated on θ₀ + φᵢ with the real
+    base, for every float tensor of the base (never on unit inputs, never over a zero base)."""
+    base, tuned = bert_pair
+    bases_seen = []
+
+    def undeclared_sum(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: PerModel = Required) -> torch.Tensor:
+        """θ₀ + Σ wᵢ(θᵢ − θ₀), declared as nothing in particular (a test method)."""
+        bases_seen.append(base.clone())
+        return base + sum(w * (t - base) for w, t in zip(weight, tensors))
+
+    merge_method("undeclared_sum", base="required", paper="https://example.org/undeclared")(undeclared_sum)
+    try:
+        result = merge_checkpoints(
+            config(base, [(loras / "delta0", {"weight": 0.8}), (loras / "delta1", {"weight": -0.3})], "undeclared_sum"),
+            tmp_path / "out", progress=False,
+        )
+    finally:
+        REGISTRY.pop("undeclared_sum")
+    b = {n: t for n, t in read_all(base).items() if t.dtype.is_floating_point}
+    assert len(bases_seen) == len(b)
+    assert all(any(seen.shape == t.shape and torch.equal(seen, t.float()) for t in b.values()) for seen in bases_seen)
+    assert result.kind == "delta"
+    stack(base, [result.out_dir], tmp_path / "stacked", progress=False)
+    phi0, phi1 = changes(base, tuned[0]), changes(base, tuned[1])
+    for name, value in read_all(tmp_path / "stacked").items():
+        if name in phi0:
+            torch.testing.assert_close(value.double(), b[name].double() + 0.8 * phi0[name] - 0.3 * phi1[name],
+                                       atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import yaml
 
 from posthoc.checkpoint import parse_dtype
 from posthoc.errors import CheckpointError, ConfigError
-from posthoc.merge.registry import MergeMethod, get_method
+from posthoc.merge.registry import REGISTRY, MergeMethod, get_method
+from posthoc.modules.apply import split_ref
 
 TOP_LEVEL_KEYS = (
     "merge_method",
@@ -130,6 +132,42 @@ class MergeConfig:
         )
         config.check(where)
         return config
+
+    @classmethod
+    def from_flags(
+        cls,
+        method: str,
+        base: str | None,
+        models: Sequence[str],
+        weights: Sequence[float] = (),
+        settings: Mapping[str, Any] | None = None,
+        *,
+        dtype: str | None = None,
+        out_dtype: str | None = None,
+    ) -> MergeConfig:
+        """The config a flag-form merge stands for (`posthoc merge --method ties --base B M1 M2 --density 0.2`).
+
+        A method with a `weight` gets one weight for every model or one per model (default 1); `settings` are
+        the top-level `parameters`. Checked like a YAML config (errors say "flags")."""
+        if weights and len(weights) not in (1, len(models)):
+            raise ConfigError(f"give one --weight for all models or one per model ({len(models)}), got {len(weights)}")
+        spec = REGISTRY.get(method)  # an unknown name is refused by from_dict, listing the valid ones
+        entries = []
+        for i, model in enumerate(models):
+            parameters = {}
+            if spec is not None and "weight" in spec.params:
+                parameters["weight"] = weights[i] if len(weights) == len(models) else (weights[0] if weights else 1.0)
+            entries.append({"model": model, **({"parameters": parameters} if parameters else {})})
+        data: dict[str, Any] = {"merge_method": method, "models": entries}
+        if base:
+            data["base_model"] = base
+        if settings:
+            data["parameters"] = dict(settings)
+        if dtype:
+            data["dtype"] = dtype
+        if out_dtype:
+            data["out_dtype"] = out_dtype
+        return cls.from_dict(data, where="flags")
 
     def inputs(self) -> tuple[str | None, list[ModelEntry]]:
         """(base, merged inputs) as the method sees them.
@@ -244,15 +282,12 @@ class MergeConfig:
 
 def _model_ref(value: Any, where: str) -> str:
     ref = str(value)
-    if "+" in ref and not Path(ref).exists():
-        # mergekit's `MODEL+ADAPTER`: the part after '+' must be a module or PEFT adapter directory (posthoc.modules)
-        from posthoc.modules.apply import split_ref
-
-        if split_ref(ref) is None:
-            raise ConfigError(
-                f"{where}: model {ref!r}: in `MODEL+MODULE` the part after '+' must be a module or PEFT adapter "
-                "directory (with module.json or adapter_config.json)"
-            )
+    # mergekit's `MODEL+ADAPTER`: the part after '+' must be a module or PEFT adapter directory (posthoc.modules)
+    if "+" in ref and not Path(ref).exists() and split_ref(ref) is None:
+        raise ConfigError(
+            f"{where}: model {ref!r}: in `MODEL+MODULE` the part after '+' must be a module or PEFT adapter "
+            "directory (with module.json or adapter_config.json)"
+        )
     return ref
 
 

@@ -11,8 +11,11 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 
 from posthoc import sparsify
@@ -33,7 +36,7 @@ Fraction = Annotated[float, Param(low=0.0, high=1.0)]
 Positive = Annotated[float, Param(low=0.0, low_open=True)]
 
 
-@merge_method("linear", base="ignored", reads_row_chunks=True, paper="https://arxiv.org/abs/2203.05482")
+@merge_method("linear", base="ignored", reads_row_chunks=True, linear=True, paper="https://arxiv.org/abs/2203.05482")
 def linear(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -57,26 +60,93 @@ def linear(
     return out.reshape(shape)
 
 
+# ------------------------------------------------------------------------------------------- task-arithmetic family
+# Task arithmetic, TIES, DARE, breadcrumbs and DELLA are configurations of one kernel,
+# θ₀ + λ · combine(wᵢ · sparsify(θᵢ − θ₀)): each sparsification is declared once (`Sparsification`), each member
+# of the family is one `FamilyMember` in TASK_ARITHMETIC_FAMILY.
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """One input's task vector θᵢ − θ₀ (flat), as a selection reads it."""
+
+    vector: sparsify.TaskVector  # formed slice by slice from the stored tensors (the top-k fits)
+    passes: sparsify.Chunks  # fresh passes over its row chunks (random draws)
+    n: int  # entries
+    row: int  # entries per row
+    generator: np.random.Generator | None  # its own draws (randomized sparsifications only)
+
+
+@dataclass(frozen=True)
+class Sparsification:
+    """How each task vector is thinned before the combination, declared once for the members that use it.
+
+    `select(task, density, rescale, **extra)` fits the `sparsify.Selection` of one input; `extra` holds that
+    input's value of each parameter in `params` (those beyond `density`, which every sparsification has)."""
+
+    name: str
+    select: Callable[..., sparsify.Selection]
+    params: tuple[ParamSpec, ...] = ()
+    randomized: bool = False  # draws random numbers: every input gets a generator of its own from the seed
+    validate: Callable[[dict[str, Any], str], None] | None = None  # checks that involve several parameters
+
+
+def _magnitude(task: TaskInput, density: float, rescale: bool) -> sparsify.Selection:
+    return sparsify.magnitude_selection(task.vector, task.n, density, rescale)
+
+
+def _breadcrumbs(task: TaskInput, density: float, rescale: bool, gamma: float) -> sparsify.Selection:
+    return sparsify.breadcrumbs_selection(task.vector, task.n, density, gamma, rescale)
+
+
+def _random(task: TaskInput, density: float, rescale: bool) -> sparsify.Selection:
+    return sparsify.random_selection(task.passes, task.n, density, rescale, task.generator)
+
+
+def _della(task: TaskInput, density: float, rescale: bool, epsilon: float) -> sparsify.Selection:
+    return sparsify.della_selection(task.passes, task.n, task.row, density, epsilon, rescale, task.generator)
+
+
+def _check_della(params: dict[str, Any], where: str) -> None:
+    for density, epsilon in zip(params["density"], params["epsilon"]):
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise ConfigError(
+                f"della {where}: density ± epsilon must lie inside (0, 1), got density {density} and epsilon {epsilon}"
+            )
+
+
+MAGNITUDE = Sparsification("magnitude", _magnitude)  # TIES: the top-density magnitudes
+RANDOM = Sparsification("random", _random, randomized=True)  # DARE: each entry kept with probability density
+BREADCRUMBS = Sparsification(
+    "breadcrumbs", _breadcrumbs,
+    params=(ParamSpec("gamma", "gamma", float, 0.01, Param(per_model=True, low=0.0, high=1.0, high_open=True)),),
+)
+DELLA = Sparsification(
+    "della", _della, randomized=True, validate=_check_della,
+    params=(ParamSpec("epsilon", "epsilon", float, 0.15, Param(per_model=True, low=0.0, high=0.5, high_open=True)),),
+)
+
+
 def task_arithmetic_family(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    sparsification: str | None,
+    sparsification: Sparsification | None,
     consensus: bool,
     weight: list[float],
     density: list[float] | None = None,
-    gamma: list[float] | None = None,
-    epsilon: list[float] | None = None,
     normalize: bool,
     rescale: bool,
     lambda_: float = 1.0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
+    **extra: list[float],
 ) -> torch.Tensor:
     """θ₀ + λ · combine(wᵢ · sparsify(θᵢ − θ₀)): task arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
-    sparsification: None | "magnitude" (TIES) | "random" (DARE) | "breadcrumbs" | "della".
+    sparsification: None (every entry kept) or how each task vector is thinned (MAGNITUDE for TIES, RANDOM
+    for DARE, BREADCRUMBS, DELLA); `extra` holds its own parameters (gamma, epsilon).
     consensus: TIES sign election, then the mean over the inputs that agree with the elected sign.
     normalize: divide by the sum of weights (of the agreeing inputs, with consensus).
     int8_mask only changed the dtype of mergekit's mask and has no effect on the result.
@@ -84,65 +154,96 @@ def task_arithmetic_family(
     slices flat views of its inputs, so very large inputs may be lazy row readers.
     """
     compute = _compute_dtype(base, *tensors)
-    shape, n = base.shape, base.numel()
-    flat_base = base.reshape(-1)
-    flats = [t.reshape(-1) for t in tensors]
+    flat_base, flats = base.reshape(-1), [t.reshape(-1) for t in tensors]
     if sparsification is None and not consensus:
-        total = sum(weight)
-        divisor = (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
+        divisor = _weight_total(weight) if normalize else 1.0
         coefficients = [lambda_ * w / divisor for w in weight]
-        return _sum_of_deltas(flat_base, flats, coefficients, out_dtype or compute).reshape(shape)
-    chunks = sparsify.row_chunks(shape)
-    row = n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
-    cache: dict[int, torch.Tensor] = {}  # random selections of a one-chunk tensor keep its task vectors
-
-    def delta(i: int, s: slice) -> torch.Tensor:
-        if i not in cache:
-            d = sparsify.task_vector(flats[i][s], flat_base[s].to(compute))
-            if len(chunks) > 1:
-                return d
-            cache[i] = d
-        return cache[i]
-
-    def passes(i: int) -> sparsify.Chunks:
-        return lambda: ((s, delta(i, s)) for s in chunks)
-
-    # One generator per input, so each input's draws depend only on the seed and its position.
-    generators = [sparsify.derived_generator(generator) for _ in tensors] if sparsification in ("random", "della") else []
-
-    def select(i: int) -> sparsify.Selection:
-        d = density[i] if density is not None else 1.0
-        if sparsification == "magnitude":
-            return sparsify.magnitude_selection(sparsify.TaskVector(flats[i], flat_base, chunks, compute), n, d, rescale)
-        if sparsification == "breadcrumbs":
-            vector = sparsify.TaskVector(flats[i], flat_base, chunks, compute)
-            return sparsify.breadcrumbs_selection(vector, n, d, gamma[i], rescale)
-        if sparsification == "random":
-            return sparsify.random_selection(passes(i), n, d, rescale, generators[i])
-        if sparsification == "della":
-            return sparsify.della_selection(passes(i), n, row, d, epsilon[i], rescale, generators[i])
-        return sparsify.KEEP_ALL
-
-    selections = [select(i) for i in range(len(tensors))]
+        return _sum_of_deltas(flat_base, flats, coefficients, out_dtype or compute).reshape(base.shape)
+    vectors = _TaskVectors(flats, flat_base, base.shape, compute)
+    selections = _selections(vectors, sparsification, density, rescale, extra, generator)
     # Each input contributes wᵢ·scaleᵢ·δᵢ (scale: the rescale of its selection).
     contributions = [w * sel.scale for w, sel in zip(weight, selections)]
     combine = _Combination(contributions, weight, consensus, normalize, lambda_)
-    out = torch.empty(n, dtype=out_dtype or compute)
+    return _combined(vectors, selections, combine, out_dtype or compute).reshape(base.shape)
+
+
+class _TaskVectors:
+    """The inputs' task vectors by chunks of whole rows, formed when asked (flat; lazy readers allowed).
+
+    A tensor of one chunk keeps each input's task vector between the passes of a random selection and the
+    combination (`forget` drops them)."""
+
+    def __init__(self, flats: list[torch.Tensor], base: torch.Tensor, shape: torch.Size, compute: torch.dtype):
+        self.flats, self.base, self.compute = flats, base, compute
+        self.n = base.numel()
+        self.chunks = sparsify.row_chunks(shape)
+        self.row = self.n // shape[0] if len(shape) > 1 and shape[0] else max(self.n, 1)
+        self._kept: dict[int, torch.Tensor] = {}
+
+    def delta(self, i: int, s: slice) -> torch.Tensor:
+        if i not in self._kept:
+            d = sparsify.task_vector(self.flats[i][s], self.base[s].to(self.compute))
+            if len(self.chunks) > 1:
+                return d
+            self._kept[i] = d
+        return self._kept[i]
+
+    def task(self, i: int, generator: np.random.Generator | None) -> TaskInput:
+        vector = sparsify.TaskVector(self.flats[i], self.base, self.chunks, self.compute)
+        return TaskInput(vector, lambda: ((s, self.delta(i, s)) for s in self.chunks), self.n, self.row, generator)
+
+    def forget(self) -> None:
+        self._kept.clear()
+
+
+def _selections(
+    vectors: _TaskVectors,
+    sparsification: Sparsification | None,
+    density: list[float] | None,
+    rescale: bool,
+    extra: dict[str, list[float]],
+    generator: torch.Generator | None,
+) -> list[sparsify.Selection]:
+    """Each input's selection, fitted on its whole task vector."""
+    count = len(vectors.flats)
+    if sparsification is None:
+        return [sparsify.KEEP_ALL] * count
+    # One generator per input, so each input's draws depend only on the seed and its position.
+    generators = [sparsify.derived_generator(generator) if sparsification.randomized else None for _ in range(count)]
+    selections = []
+    for i in range(count):
+        own = {p.argument: extra[p.argument][i] if p.scope.per_model else extra[p.argument] for p in sparsification.params}
+        task = vectors.task(i, generators[i])
+        selections.append(sparsification.select(task, density[i] if density is not None else 1.0, rescale, **own))
+    return selections
+
+
+def _combined(
+    vectors: _TaskVectors, selections: list[sparsify.Selection], combine: _Combination, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """θ₀ + combine(keptᵢ), flat: chunk by chunk of rows, on cache-sized slices of each chunk."""
+    out = torch.empty(vectors.n, dtype=out_dtype)
     sliceable = all(selection.sliceable for selection in selections)
-    for s in chunks:
-        bases, inputs = flat_base[s], [flat[s] for flat in flats]  # one read of a lazy chunk
+    for s in vectors.chunks:
+        bases, inputs = vectors.base[s], [flat[s] for flat in vectors.flats]  # one read of a lazy chunk
         if not sliceable:  # random draws follow the chunks of the fitting pass: select whole chunks
-            kept = [selection.keep(s, delta(i, s)) for i, selection in enumerate(selections)]
+            kept = [selection.keep(s, vectors.delta(i, s)) for i, selection in enumerate(selections)]
         for u in sparsify.sub_slices(slice(0, s.stop - s.start)):
-            b = bases[u].to(compute)
+            b = bases[u].to(vectors.compute)
             at = slice(s.start + u.start, s.start + u.stop)
             if sliceable:
                 local = [sel.keep(at, sparsify.task_vector(x[u], b)) for x, sel in zip(inputs, selections)]
             else:
                 local = [k[u] for k in kept]
             out[at] = combine(local).add_(b)
-        cache.clear()
-    return out.reshape(shape)
+        vectors.forget()
+    return out
+
+
+def _weight_total(weight: list[float]) -> float:
+    """Σ wᵢ as a divisor (1 when it vanishes)."""
+    total = sum(weight)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def _sum_of_deltas(base: torch.Tensor, flats: list[torch.Tensor], coefficients: list[float], out_dtype: torch.dtype) -> torch.Tensor:
@@ -169,8 +270,7 @@ class _Combination:
     def __init__(self, contributions: list[float], weight: list[float], consensus: bool, normalize: bool, lambda_: float):
         self.contributions, self.weight = contributions, weight
         self.consensus, self.normalize, self.lambda_ = consensus, normalize, lambda_
-        total = sum(weight)
-        self.total_weight = total if abs(total) >= 1e-8 else 1.0
+        self.total_weight = _weight_total(weight)
 
     def __call__(self, kept: list[torch.Tensor]) -> torch.Tensor:
         mixed = kept[0] * self.contributions[0]
@@ -216,76 +316,91 @@ def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 # The family as configurations of one kernel: (name, sparsification, consensus, normalize, rescale, paper).
-TASK_ARITHMETIC_FAMILY = [
-    ("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
-    ("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
-    ("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
-    ("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
-    ("breadcrumbs", "breadcrumbs", False, False, False, "https://arxiv.org/abs/2312.06795"),
-    ("breadcrumbs_ties", "breadcrumbs", True, False, False, "https://arxiv.org/abs/2312.06795"),
-    ("della", "della", True, True, True, "https://arxiv.org/abs/2406.11617"),
-    ("della_linear", "della", False, False, True, "https://arxiv.org/abs/2406.11617"),
-]
+@dataclass(frozen=True)
+class FamilyMember:
+    """One method of the task-arithmetic family: a configuration of `task_arithmetic_family`."""
+
+    name: str
+    sparsification: Sparsification | None
+    consensus: bool  # TIES sign election and disjoint mean
+    normalize: bool  # default of the `normalize` parameter
+    rescale: bool  # default of the `rescale` parameter (the kept entries scaled to the task vector's L1 norm)
+    paper: str
+    summary: str
+
+    def method(self) -> MergeMethod:
+        sparsification, consensus = self.sparsification, self.consensus
+
+        def merge(tensors: list[torch.Tensor], base: torch.Tensor, **params: Any) -> torch.Tensor:
+            return task_arithmetic_family(tensors, base, sparsification=sparsification, consensus=consensus, **params)
+
+        return MergeMethod(
+            name=self.name,
+            fn=merge,
+            params={p.name: p for p in self.params()},
+            base="required",
+            min_models=1,
+            max_models=None,
+            randomized=sparsification is not None and sparsification.randomized,
+            paper=self.paper,
+            summary=self.summary,
+            validate=sparsification.validate if sparsification is not None else None,
+            takes_out_dtype=True,
+            reads_row_chunks=True,
+            linear=sparsification is None and not consensus,  # θ₀ + Σ (λwᵢ/divisor)(θᵢ − θ₀)
+            on_task_vectors=True,
+        )
+
+    def params(self) -> list[ParamSpec]:
+        params = [ParamSpec("weight", "weight", float, Required, PER_MODEL)]
+        if self.sparsification is not None:
+            params += [ParamSpec("density", "density", float, 1.0, DENSITY), *self.sparsification.params]
+        return params + [
+            ParamSpec("normalize", "normalize", bool, self.normalize, Param()),
+            ParamSpec("rescale", "rescale", bool, self.rescale, Param()),
+            ParamSpec("lambda", "lambda_", float, 1.0, Param()),
+            ParamSpec("int8_mask", "int8_mask", bool, False, Param()),
+        ]
 
 
-SUMMARIES = {
-    "task_arithmetic": "θ₀ + λ Σ wᵢ(θᵢ − θ₀): task vectors added to the base",
-    "ties": "TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
-    "dare_linear": "DARE: drop task-vector entries at random (keep density), rescale, add",
-    "dare_ties": "DARE drop + TIES sign election",
-    "breadcrumbs": "Model breadcrumbs: drop the largest (gamma) and the smallest entries, add",
-    "breadcrumbs_ties": "Model breadcrumbs + TIES sign election",
-    "della": "DELLA: magnitude-ranked random drop (density ± epsilon), rescale, TIES election",
-    "della_linear": "DELLA drop, rescale, add",
-}
+TASK_ARITHMETIC_FAMILY = (
+    FamilyMember(
+        "task_arithmetic", None, consensus=False, normalize=False, rescale=False, paper="https://arxiv.org/abs/2212.04089",
+        summary="θ₀ + λ Σ wᵢ(θᵢ − θ₀): task vectors added to the base",
+    ),
+    FamilyMember(
+        "ties", MAGNITUDE, consensus=True, normalize=True, rescale=False, paper="https://arxiv.org/abs/2306.01708",
+        summary="TIES: trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
+    ),
+    FamilyMember(
+        "dare_linear", RANDOM, consensus=False, normalize=False, rescale=True, paper="https://arxiv.org/abs/2311.03099",
+        summary="DARE: drop task-vector entries at random (keep density), rescale, add",
+    ),
+    FamilyMember(
+        "dare_ties", RANDOM, consensus=True, normalize=False, rescale=True, paper="https://arxiv.org/abs/2311.03099",
+        summary="DARE drop + TIES sign election",
+    ),
+    FamilyMember(
+        "breadcrumbs", BREADCRUMBS, consensus=False, normalize=False, rescale=False,
+        paper="https://arxiv.org/abs/2312.06795",
+        summary="Model breadcrumbs: drop the largest (gamma) and the smallest entries, add",
+    ),
+    FamilyMember(
+        "breadcrumbs_ties", BREADCRUMBS, consensus=True, normalize=False, rescale=False,
+        paper="https://arxiv.org/abs/2312.06795", summary="Model breadcrumbs + TIES sign election",
+    ),
+    FamilyMember(
+        "della", DELLA, consensus=True, normalize=True, rescale=True, paper="https://arxiv.org/abs/2406.11617",
+        summary="DELLA: magnitude-ranked random drop (density ± epsilon), rescale, TIES election",
+    ),
+    FamilyMember(
+        "della_linear", DELLA, consensus=False, normalize=False, rescale=True, paper="https://arxiv.org/abs/2406.11617",
+        summary="DELLA drop, rescale, add",
+    ),
+)
 
-
-def _check_della(params: dict, where: str) -> None:
-    for density, epsilon in zip(params["density"], params["epsilon"]):
-        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
-            raise ConfigError(
-                f"della {where}: density ± epsilon must lie inside (0, 1), got density {density} and epsilon {epsilon}"
-            )
-
-
-def _family_member(
-    name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool, paper: str
-) -> MergeMethod:
-    params = [ParamSpec("weight", "weight", float, Required, PER_MODEL)]
-    if sparsification is not None:
-        params.append(ParamSpec("density", "density", float, 1.0, DENSITY))
-    if sparsification == "breadcrumbs":
-        params.append(ParamSpec("gamma", "gamma", float, 0.01, Param(per_model=True, low=0.0, high=1.0, high_open=True)))
-    if sparsification == "della":
-        params.append(ParamSpec("epsilon", "epsilon", float, 0.15, Param(per_model=True, low=0.0, high=0.5, high_open=True)))
-    params += [
-        ParamSpec("normalize", "normalize", bool, normalize, Param()),
-        ParamSpec("rescale", "rescale", bool, rescale, Param()),
-        ParamSpec("lambda", "lambda_", float, 1.0, Param()),
-        ParamSpec("int8_mask", "int8_mask", bool, False, Param()),
-    ]
-
-    def merge(tensors: list[torch.Tensor], base: torch.Tensor, **params) -> torch.Tensor:
-        return task_arithmetic_family(tensors, base, sparsification=sparsification, consensus=consensus, **params)
-
-    return MergeMethod(
-        name=name,
-        fn=merge,
-        params={p.name: p for p in params},
-        base="required",
-        min_models=1,
-        max_models=None,
-        randomized=sparsification in ("random", "della"),
-        paper=paper,
-        summary=SUMMARIES[name],
-        validate=_check_della if sparsification == "della" else None,
-        takes_out_dtype=True,
-        reads_row_chunks=True,
-    )
-
-
-for _row in TASK_ARITHMETIC_FAMILY:
-    register(_family_member(*_row))
+for _member in TASK_ARITHMETIC_FAMILY:
+    register(_member.method())
 
 
 @merge_method(
@@ -402,7 +517,10 @@ def model_stock(
     return (ratio * average + (1 - ratio) * origin).reshape(shape)
 
 
-@merge_method("passthrough", base="ignored", max_models=1, reads_row_chunks=True, paper="https://github.com/arcee-ai/mergekit")
+@merge_method(
+    "passthrough", base="ignored", max_models=1, reads_row_chunks=True, linear=True,
+    paper="https://github.com/arcee-ai/mergekit",
+)
 def passthrough(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,

@@ -2,19 +2,22 @@
 
 `posthoc merge` sends a config here when every input is a module (a configured base checkpoint may be
 listed too: it is the zero change). The output is a module of the inputs' kind — lora when all are LoRA,
-sparse when all are sparse, delta otherwise — written one tensor at a time. Per tensor:
+sparse when all are sparse, delta otherwise — written one tensor at a time. What a method is comes from
+what it declares in the registry (`MergeMethod.linear`, `MergeMethod.on_task_vectors`), never from its name.
+Per tensor:
 
-- Methods linear in the changes (linear, task_arithmetic, passthrough) give Σ cᵢφᵢ. The coefficients are
+- A method that declares `linear` (linear, task_arithmetic, passthrough) gives Σ cᵢφᵢ. The coefficients are
   read off the registry's own function (evaluated on unit inputs), so they mean exactly what the method
-  means for checkpoints; a method that is not equivariant under a shift of every input and the base
-  (linear without normalize and Σw ≠ 1, passthrough with scale ≠ 1) is evaluated on θ₀ + φᵢ instead.
+  means for checkpoints; where it is not equivariant under a shift of every input and the base with these
+  parameters (linear without normalize and Σw ≠ 1, passthrough with scale ≠ 1) it is evaluated on θ₀ + φᵢ.
   For LoRA inputs the sum is exact: the factors are concatenated ([c₁B₁ … cₙBₙ], [A₁; …; Aₙ]), with
   any ranks and signs; with a target rank they are re-factored by QR + an SVD of the small core, with
   the error known exactly (`lowrank.refactor`), and the (m, n) change is never formed.
-- The task-arithmetic family (TIES, DARE, breadcrumbs, DELLA …) works element-wise: each input's change
-  is formed for this tensor, the registry's pure function merges them over a zero base (θ₀ + f(φ) − θ₀
-  is f(φ) for these methods, and the seeds per tensor are the engine's, so DARE draws the same masks),
-  and a LoRA output is re-factored by truncated SVD, its measured error reported.
+- A method that declares `on_task_vectors` (the task-arithmetic family: TIES, DARE, breadcrumbs, DELLA …)
+  works element-wise: each input's change is formed for this tensor, the registry's pure function merges
+  them over a zero base (f(θ₀ + φ; θ₀) − θ₀ = f(φ; 0) for these methods, and the seeds per tensor are the
+  engine's, so DARE draws the same masks), and a LoRA output is re-factored by truncated SVD, its measured
+  error reported.
 - Other methods (slerp, multislerp, model_stock) are evaluated on θ₀ + φᵢ and the base subtracted; they
   need the base checkpoint.
 """
@@ -33,7 +36,6 @@ import torch
 from posthoc.checkpoint import DEFAULT_SHARD_SIZE, Checkpoint
 from posthoc.compat import CompatReport
 from posthoc.merge.config import MergeConfig, layer_position, num_layers
-from posthoc.merge.methods import TASK_ARITHMETIC_FAMILY
 from posthoc.merge.registry import MergeMethod
 from posthoc.merge.result import MergeResult, tensor_seed
 from posthoc.modules.combine import (
@@ -42,15 +44,13 @@ from posthoc.modules.combine import (
     check_rank,
     check_same_base,
     float_names,
+    module_summary,
     open_modules,
     resolve_base,
     tensor_names,
     write_combined,
 )
 from posthoc.modules.format import ModuleError, is_module
-
-FAMILY = {row[0] for row in TASK_ARITHMETIC_FAMILY}  # defined on task vectors: f(θ₀ + φ; θ₀) = θ₀ + f(φ; 0)
-LINEAR_CANDIDATES = ("linear", "task_arithmetic", "passthrough")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ModuleMergeResult(MergeResult):
 
     @property
     def summary(self) -> str:
-        return CombinedModule.summary.fget(self)  # type: ignore[attr-defined]
+        return module_summary(self.kind, self.refactor_error)
 
     @classmethod
     def of(cls, written: CombinedModule, seed: int | None) -> ModuleMergeResult:
@@ -80,8 +80,8 @@ def wants_module_output(config: MergeConfig) -> bool:
 
 def linear_coefficients(method: MergeMethod, params: dict[str, Any], count: int) -> list[float] | None:
     """cᵢ such that the method's output minus the base is Σ cᵢφᵢ, read off the method on unit inputs; None when
-    the method is not linear and shift-equivariant with these parameters."""
-    if method.name not in LINEAR_CANDIDATES:
+    the method does not declare `linear` or is not shift-equivariant with these parameters."""
+    if not method.linear:
         return None
 
     def run(values: list[float], base: float) -> float:
@@ -108,7 +108,7 @@ def _method_plan(
         kwargs = dict(params)
         if method.takes_out_dtype:
             kwargs["out_dtype"] = torch.float32
-        if method.name in FAMILY:
+        if method.on_task_vectors:
             def compute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
                 if method.randomized:
                     kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed or 0, name))
@@ -162,7 +162,7 @@ def merge_modules(
         if method.randomized and seed is None:
             seed = secrets.randbits(31)
         plan = _method_plan(config, method, len(modules), base, seed, layers)
-        absolute = method.name not in FAMILY and any(
+        absolute = not method.on_task_vectors and any(
             linear_coefficients(method, config.resolve(n, layer_position(n, layers)), len(modules)) is None for n in names
         )
         if absolute:  # evaluated on θ₀ + φᵢ: a tensor no module touches may change too (e.g. Σw ≠ 1)

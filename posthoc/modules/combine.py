@@ -36,8 +36,13 @@ class CombinedModule:
 
     @property
     def summary(self) -> str:
-        error = "exact" if not self.refactor_error else f"largest re-factoring error {self.refactor_error:.2e}"
-        return f"module of kind {self.kind} ({error}); fidelity.json has the per-tensor figures"
+        return module_summary(self.kind, self.refactor_error)
+
+
+def module_summary(kind: str, refactor_error: float | None) -> str:
+    """One line on a written module: its kind and how exact it is."""
+    error = "exact" if not refactor_error else f"largest re-factoring error {refactor_error:.2e}"
+    return f"module of kind {kind} ({error}); fidelity.json has the per-tensor figures"
 
 
 @dataclass
@@ -113,69 +118,95 @@ def _merge_tensors(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Write Σ or f of the inputs' changes tensor by tensor; returns the per-tensor fidelity records."""
-    kind = builder.kind
     records: list[dict[str, Any]] = []
-    with progress_bar(len(names), f"merge modules ({kind})", "tensor", enabled=progress) as bar:
+    with progress_bar(len(names), f"merge modules ({builder.kind})", "tensor", enabled=progress) as bar:
         for name in names:
             bar.update(1)
-            shape = shapes[name]
-            touching = [(i, m) for i, m in enumerate(modules) if m is not None and name in m.manifest.tensors]
-            all_lora = bool(touching) and all(m.storage(name) == "lora" for _, m in touching)
-            ranks = [m.rank(name) for _, m in touching] if all_lora else []
-            layouts = {m.entry(name).get("layout", "linear") for _, m in touching} if all_lora else set()
-            if len(layouts) > 1:
-                raise ModuleError(f"tensor {name}: the inputs factor it in different layouts ({', '.join(sorted(layouts))})")
-            layout = layouts.pop() if layouts else "linear"
-            step = plan(name)
-            if step.coefficients is not None:
-                terms = [(step.coefficients[i], m) for i, m in touching if step.coefficients[i] != 0]
-                if not terms:
-                    continue
-                if kind == "lora" and all_lora:
-                    Bs, As = [], []
-                    for c, m in terms:
-                        B, A = m.lora_factors(name)
-                        Bs.append(B * c)
-                        As.append(A)
-                    total = sum(b.shape[1] for b in Bs)
-                    if rank is not None and total > rank:
-                        B, A, error = lowrank.refactor(Bs, As, rank)
-                    else:
-                        B, A, error = torch.cat(Bs, dim=1), torch.cat(As, dim=0), 0.0
-                    builder.lora(name, B, A, layout)
-                    records.append({"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
-                                    "how": "concatenated factors" + (", QR + core SVD" if error or total > B.shape[1] else "")})
-                    continue
-                phi = torch.zeros(shape, dtype=torch.float32)
-                for c, m in terms:
-                    phi.add_(m.delta(name, base), alpha=c)
-            else:
-                changes = [
-                    m.delta(name, base) if m is not None and name in m.manifest.tensors else torch.zeros(shape)
-                    for m in modules
-                ]
-                phi = step.compute(name, changes)
-                del changes
-            if not bool(phi.any()):
-                continue
-            if not bool(torch.isfinite(phi).all()):
-                raise ModuleError(f"tensor {name}: the merged change is not finite (NaN/Inf); nothing was written")
-            target = rank if rank is not None else min(sum(ranks), *shape) if ranks else None
-            if kind == "lora" and all_lora and target is not None and lowrank.lora_is_smaller(shape, target):
-                B, A, error = lowrank.factor(phi, target)
-                builder.lora(name, B, A, layout)
-                records.append({"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
-                                "how": "formed per tensor, merged, truncated SVD"})
-            elif kind == "sparse":
-                flat = phi.reshape(-1)
-                indices = torch.nonzero(flat).squeeze(1)
-                builder.sparse(name, shape, indices, flat[indices])
-                records.append({"name": name, "storage": "sparse", "nnz": int(indices.numel()), "relative_error": 0.0,
-                                "how": "merged, nonzero entries kept"})
-            else:
-                builder.dense(name, phi)
-                records.append({"name": name, "storage": "dense", "relative_error": 0.0, "how": "merged, kept whole"})
+            record = _merge_tensor(builder, modules, name, shapes[name], plan, base, rank)
+            if record is not None:
+                records.append(record)
     return records
+
+
+def _merge_tensor(
+    builder: ModuleBuilder,
+    modules: Sequence[Module | None],
+    name: str,
+    shape: tuple[int, ...],
+    plan: Callable[[str], TensorPlan],
+    base: Checkpoint | None,
+    rank: int | None,
+) -> dict[str, Any] | None:
+    """One output tensor into the builder: its fidelity record, or None when its change is zero."""
+    touching = [(i, m) for i, m in enumerate(modules) if m is not None and name in m.manifest.tensors]
+    all_lora = bool(touching) and all(m.storage(name) == "lora" for _, m in touching)
+    ranks = [m.rank(name) for _, m in touching] if all_lora else []
+    layouts = {m.entry(name).get("layout", "linear") for _, m in touching} if all_lora else set()
+    if len(layouts) > 1:
+        raise ModuleError(f"tensor {name}: the inputs factor it in different layouts ({', '.join(sorted(layouts))})")
+    layout = layouts.pop() if layouts else "linear"
+    step = plan(name)
+    if step.coefficients is not None:
+        terms = [(step.coefficients[i], m) for i, m in touching if step.coefficients[i] != 0]
+        if not terms:
+            return None
+        if builder.kind == "lora" and all_lora:
+            return _concatenated(builder, name, terms, rank, layout)
+        phi = torch.zeros(shape, dtype=torch.float32)
+        for c, m in terms:
+            phi.add_(m.delta(name, base), alpha=c)
+    else:
+        changes = [
+            m.delta(name, base) if m is not None and name in m.manifest.tensors else torch.zeros(shape)
+            for m in modules
+        ]
+        phi = step.compute(name, changes)
+        del changes
+    if not bool(phi.any()):
+        return None
+    if not bool(torch.isfinite(phi).all()):
+        raise ModuleError(f"tensor {name}: the merged change is not finite (NaN/Inf); nothing was written")
+    target = rank if rank is not None else min(sum(ranks), *shape) if ranks else None
+    return _store(builder, name, phi, shape, target if all_lora else None, layout)
+
+
+def _concatenated(
+    builder: ModuleBuilder, name: str, terms: list[tuple[float, Module]], rank: int | None, layout: str
+) -> dict[str, Any]:
+    """Σ cᵢBᵢAᵢ of LoRA inputs, exactly as [c₁B₁ … cₙBₙ] [A₁; …; Aₙ] (re-factored when over `rank`)."""
+    Bs, As = [], []
+    for c, m in terms:
+        B, A = m.lora_factors(name)
+        Bs.append(B * c)
+        As.append(A)
+    total = sum(b.shape[1] for b in Bs)
+    if rank is not None and total > rank:
+        B, A, error = lowrank.refactor(Bs, As, rank)
+    else:
+        B, A, error = torch.cat(Bs, dim=1), torch.cat(As, dim=0), 0.0
+    builder.lora(name, B, A, layout)
+    return {"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
+            "how": "concatenated factors" + (", QR + core SVD" if error or total > B.shape[1] else "")}
+
+
+def _store(
+    builder: ModuleBuilder, name: str, phi: torch.Tensor, shape: tuple[int, ...], lora_rank: int | None, layout: str
+) -> dict[str, Any]:
+    """A merged change in the output's storage: a LoRA of `lora_rank` (all inputs LoRA, when that is smaller),
+    the nonzero entries (sparse), or whole."""
+    if builder.kind == "lora" and lora_rank is not None and lowrank.lora_is_smaller(shape, lora_rank):
+        B, A, error = lowrank.factor(phi, lora_rank)
+        builder.lora(name, B, A, layout)
+        return {"name": name, "storage": "lora", "rank": int(B.shape[1]), "relative_error": error,
+                "how": "formed per tensor, merged, truncated SVD"}
+    if builder.kind == "sparse":
+        flat = phi.reshape(-1)
+        indices = torch.nonzero(flat).squeeze(1)
+        builder.sparse(name, shape, indices, flat[indices])
+        return {"name": name, "storage": "sparse", "nnz": int(indices.numel()), "relative_error": 0.0,
+                "how": "merged, nonzero entries kept"}
+    builder.dense(name, phi)
+    return {"name": name, "storage": "dense", "relative_error": 0.0, "how": "merged, kept whole"}
 
 
 def _finish(
@@ -218,12 +249,12 @@ def tensor_names(modules: Sequence[Module | None], base: Checkpoint | None) -> t
 
 def write_combined(
     out_dir: str | Path,
-    modules: Sequence[Any],
+    modules: Sequence[Module | None],
     base_ref: BaseRef,
     base: Checkpoint | None,
     names: list[str],
     shapes: dict[str, tuple[int, ...]],
-    plan: Any,
+    plan: Callable[[str], TensorPlan],
     rank: int | None,
     provenance: dict[str, Any],
     tags: dict[str, str] | None,

@@ -84,19 +84,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is read as a YAML scalar or list (`3`, `0.5`, `[de, fr]`)."""
-    if "=" not in text:
-        raise RecipeError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
 def build_recipe(
     data: Mapping[str, Any],
     work_dir: str | Path,
