@@ -1,21 +1,27 @@
-"""`posthoc split …`: find modules inside a trained dense model. Each analyser is one subcommand:
+"""`posthoc split moe|cluster|mask`: find modules inside a trained dense model. Each analyser is one subcommand:
 
     @split.command("NAME")
-    @analyser_options(PARAMS, ["experts", …])   # options generated from the analyser's parameter table
+    @click.option(...)                      # the command's own options (data, output, --force, --quiet)
+    @analyser_options(Analyser.PARAMS)      # one option per parameter of the analyser's table
     @reports_errors
     def name(...): ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from posthoc.analyse.params import ParamTable
+from posthoc.analyse.cluster.clusterer import NeuronClusterer
+from posthoc.analyse.masks.masker import SubnetworkMasker
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.params import Param, ParamTable, Text
 
 from .main import main, reports_errors
+
+CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
 @main.group()
@@ -23,41 +29,48 @@ def split() -> None:
     """Find modules inside a trained dense model (MoE-fication into experts, …)."""
 
 
-def analyser_options(table: ParamTable, names: Sequence[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Click options for these parameters of an analyser, with defaults, choices and help from its table."""
+class TextType(click.ParamType):
+    """A click type from a parameter table's `Text` (its parse function and metavar)."""
+
+    def __init__(self, text: Text):
+        self.text = text
+        self.name = text.metavar.lower()  # click shows NAME.upper() as the metavar
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.text.parse(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def option_for(p: Param) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one table parameter: --name (underscores as dashes), its type, default and help."""
+    flag = "--" + p.name.replace("_", "-")
+    if p.type is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", p.name, default=p.default, show_default=True, help=p.help)
+    if p.choices:
+        return click.option(flag, p.name, type=click.Choice(p.choices), default=p.default, show_default=True,
+                            help=p.help)
+    kind = TextType(p.type) if isinstance(p.type, Text) else CLICK_TYPES[p.type]
+    # a number default is shown; None, or a word such as 'auto', is explained by the help
+    show = isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
+    return click.option(flag, p.name, type=kind, default=p.default, show_default=show, help=p.help)
+
+
+def analyser_options(table: ParamTable) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One click option per command-line parameter of an analyser's table, in the table's order."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for name in reversed(names):
-            p = table[name]
-            flag = "--" + name.replace("_", "-")
-            if isinstance(p.default, bool):
-                option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=p.default,
-                                       show_default=True, help=p.help)
-            elif p.choices:
-                option = click.option(flag, name, type=click.Choice(p.choices), default=p.default,
-                                      show_default=True, help=p.help)
-            else:
-                kind = type(p.default) if p.default is not None else (int if name in ("router_hidden", "threads", "heal_tokens") else str)
-                option = click.option(flag, name, type=kind, default=p.default, show_default=p.default is not None,
-                                      help=p.help)
-            fn = option(fn)
+        for p in reversed([p for p in table if p.cli]):
+            fn = option_for(p)(fn)
         return fn
 
     return decorate
 
 
-def _moe_table() -> ParamTable:
-    from posthoc.analyse.moe.moefier import PARAMS
-
-    return PARAMS
-
-
-MOE_OPTIONS = (
-    "experts", "top_k", "partition", "router", "gate_up_scale", "kernel", "shared", "score", "routing", "layer_budget", "compensation",
-    "layer_heal_epochs", "layer_heal_ffn_lr", "heal_steps", "heal_lr", "lora_rank", "heal_batch_size", "heal_tokens", "heal_hidden",
-    "heal_biases", "heal_ffn_lr", "max_tokens", "router_tokens", "router_epochs", "kmeans_rows",
-    "coactivation_fraction", "max_length", "batch_size", "seed", "ffn_modules", "threads",
-)
+# ------------------------------------------------------------------------------------------------ moe
 
 
 @split.command("moe")
@@ -77,7 +90,7 @@ MOE_OPTIONS = (
 @click.option("--no-report", is_flag=True, help="Skip the quality sweeps and the report (faster).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@analyser_options(_moe_table(), MOE_OPTIONS)
+@analyser_options(MoEfier.PARAMS)
 @reports_errors
 def moe(model: str, out_dir: str, calib: tuple[str, ...], eval_data: tuple[str, ...], text_column: str | None,
         eval_texts: int, eval_tokens: int, compare: bool, no_report: bool, force: bool, quiet: bool,
@@ -108,3 +121,70 @@ def moe(model: str, out_dir: str, calib: tuple[str, ...], eval_data: tuple[str, 
                    f"({s['speedup']:.2f}x, {s['tokens']} tokens)")
     if not no_report:
         click.echo(f"report: {result.out_dir / 'report.html'}")
+
+
+# -------------------------------------------------------------------------------------------- cluster
+
+
+@split.command("cluster")
+@click.argument("model")
+@click.argument("out_dir")
+@click.option("--calib", help="Calibration texts (file, DIR, folders:DIR, bbc[:train|validation|test]); "
+              "needed for activation graphs.")
+@click.option("--labels", help="Labelled texts (e.g. bbc:test, folders:DIR) to tie clusters to labels and ablate them.")
+@click.option("--label-file", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of --labels: one label per line for the --calib texts, in order.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@analyser_options(NeuronClusterer.PARAMS)
+@reports_errors
+def cluster(model: str, out_dir: str, calib: str | None, labels: str | None, label_file: str | None, force: bool,
+            quiet: bool, **params: Any) -> None:
+    """Cluster MODEL's FFN neurons, test the clusters against shuffled graphs, tie them to labels, and write
+    a report, GraphML graphs and one mask module per cluster to OUT_DIR."""
+    from posthoc.analyse.cluster.report import verdict
+    from posthoc.analyse.cluster.run import split_cluster
+
+    if labels and label_file:
+        raise click.UsageError("give --labels or --label-file, not both")
+    if label_file:
+        with open(label_file, encoding="utf-8") as f:
+            labels_arg = [line.strip() for line in f if line.strip()]
+    else:
+        labels_arg = labels
+    result = split_cluster(model, out_dir, calib, labels=labels_arg, force=force, progress=not quiet, **params)
+    click.echo(verdict(result))
+    click.echo(f"wrote {out_dir}: {len(result.clusters_)} clusters, report.html, "
+               f"{result.timings_['total']:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------- mask
+
+
+@split.command("mask")
+@click.argument("model")
+@click.argument("out_dir")
+@click.option("--task", "tasks", multiple=True, required=True, metavar="DATA[:CLASS,CLASS]",
+              help="A task (repeat for several): labelled data, optionally some of its classes (bbc:sport,tech), "
+              "or plain texts (a causal LM's language-model loss).")
+@click.option("--train-per-class", type=int, default=100, show_default=True, help="Training texts per class.")
+@click.option("--test-per-class", type=int, default=50, show_default=True, help="Held-out texts per class.")
+@click.option("--pruned", is_flag=True, help="Also write each task's pruned checkpoint (OUT_DIR/pruned/TASK).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@analyser_options(SubnetworkMasker.PARAMS)
+@reports_errors
+def mask(model: str, out_dir: str, tasks: tuple[str, ...], train_per_class: int, test_per_class: int, pruned: bool,
+         force: bool, quiet: bool, **params: Any) -> None:
+    """Learn a binary mask over MODEL's frozen weights per task; write masks (mask modules), their
+    masked/inverted scores and IoU, and a report to OUT_DIR."""
+    from posthoc.analyse.masks.run import parse_task, split_mask
+
+    parsed = [parse_task(t, train_per_class=train_per_class, test_per_class=test_per_class, seed=params["seed"])
+              for t in tasks]
+    results = split_mask(model, out_dir, parsed, force=force, pruned=pruned, progress=not quiet, **params)
+    for r in results:
+        s = r.scores
+        click.echo(f"{r.task.name}: density {r.masker.density_:.4f}, {r.masker.metric_} full {s['full']:.4f}, "
+                   f"masked {s['mask']:.4f}, inverted {s['inverted']:.4f}, random {s['random']:.4f}")
+    click.echo(f"wrote {out_dir}")

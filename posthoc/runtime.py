@@ -12,6 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from posthoc.analyse.moe.moefier import MoEError, MoEfier
+from posthoc.checkpoint import open_checkpoint
+from posthoc.models import load_model
+from posthoc.modules.format import fingerprint
+from posthoc.modules.masks import is_mask_module, load_masked
+
 
 def load(
     path: str | os.PathLike[str],
@@ -37,16 +45,7 @@ def load(
     A mask module (`posthoc split cluster` / `split mask`) loads its base with the mask applied: mode "keep"
     (only what it marks) or "remove" (the model without it); base: the model it masks (default: its manifest's).
     """
-    import torch
-
-    from posthoc.analyse.moe.moefier import MoEError, MoEfier
-    from posthoc.checkpoint import open_checkpoint
-    from posthoc.models import load_model
-    from posthoc.modules.format import fingerprint
-
     path = Path(path)
-    from posthoc.modules.masks import is_mask_module, load_masked
-
     if is_mask_module(path):
         return load_masked(path, mode=mode, base=base, dtype=dtype, return_tokenizer=return_tokenizer)
     moe = MoEfier.load(path)  # checks kind, format and version before the weights are touched

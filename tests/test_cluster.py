@@ -183,7 +183,7 @@ def test_weight_clusters_partition_the_neurons_and_scores_are_recomputable(fitte
 
 def test_cluster_activation_is_the_mean_abs_activation_of_its_neurons(fitted, corpus):
     """Independent: capture h with a plain forward hook and average |h| over the text's tokens and neurons."""
-    model, tok = fitted._model, fitted._tokenizer
+    model, tok = fitted.model_, fitted.tokenizer_
     kept = as_labelled(corpus, None, fitted.max_label_texts, fitted.seed)  # the texts fit used, in its order
     for c in (0, len(fitted.clusters_) - 1):
         (layer, idx), = fitted.clusters_[c].neurons.items()
@@ -201,7 +201,7 @@ def test_cluster_activation_is_the_mean_abs_activation_of_its_neurons(fitted, co
 def test_correlation_graph_matches_activations_captured_directly(tiny, corpus):
     c = NeuronClusterer(graph="correlation", n_clusters=3, shuffles=2, progress=False, threads=1,
                         layers=[1]).fit(tiny, corpus)
-    model, tok = c._model, c._tokenizer
+    model, tok = c.model_, c.tokenizer_
     hs = []
     handle = model.get_submodule(c.ffns_[0].down).register_forward_pre_hook(lambda m, a: hs.append(a[0][0].detach()))
     with torch.no_grad():
@@ -241,8 +241,8 @@ def test_cluster_module_removes_exactly_the_cluster(fitted, tiny, corpus, tmp_pa
     batch = texts.batch(list(range(6)))
     keep = torch.ones(64, dtype=torch.bool)
     keep[torch.as_tensor(idx)] = False
-    with torch.no_grad(), neuron_masks(out._model, {layer: keep}):
-        expected = pooled_states(out._model, {}, batch)
+    with torch.no_grad(), neuron_masks(out.model_, {layer: keep}):
+        expected = pooled_states(out.model_, {}, batch)
     assert torch.allclose(pooled_states(ablated, {}, batch), expected, atol=1e-5)
     # outputs: report, json, GraphML with clusters as node attributes
     summary = json.loads((tmp_path / "out" / "clusters.json").read_text())

@@ -26,8 +26,7 @@ def amplified(tmp_path_factory):
 
 
 def fit(model, tok, layer_ffn_lr: float, **params) -> MoEfier:
-    moe = MoEfier(**{**LAYERWISE, **params})
-    moe.layer_heal_ffn_lr = layer_ffn_lr  # MoEfier parameter `layer_heal_ffn_lr` (read with a default)
+    moe = MoEfier(**{**LAYERWISE, **params}).set_params(layer_heal_ffn_lr=layer_ffn_lr)
     return moe.fit(model, synthetic_corpus(10), tokenizer=tok)
 
 

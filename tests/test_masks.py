@@ -81,14 +81,14 @@ def test_weight_mask_covers_every_block_linear_and_masks_exactly(weight_mask, sp
     kept = sum(int(v.sum()) for v in m.mask_.values())
     assert m.density_ == pytest.approx(kept / sum(t.size for t in m.targets_))
     texts = list(split.test.texts[:5])
-    batch = TokenizedTexts(m._task.texts.tokenizer, texts, 32).batch(list(range(5)))
+    batch = TokenizedTexts(m.tokenizer_, texts, 32).batch(list(range(5)))
     for which, masks in (("mask", m.mask_), ("inverted", {k: ~v for k, v in m.mask_.items()})):
         with torch.no_grad():
-            got = pooled_states(m._net, m.masked_weights(which), batch)
-        assert torch.allclose(got, _pooled_manual(m._net, m._task.texts.tokenizer, texts, masks), atol=1e-5)
+            got = pooled_states(m.model_, m.masked_weights(which), batch)
+        assert torch.allclose(got, _pooled_manual(m.model_, m.tokenizer_, texts, masks), atol=1e-5)
     full = m.score(split.test, "full")
     assert full == pytest.approx(m.head_.accuracy(
-        pooled_states(m._net, {}, TokenizedTexts(m._task.texts.tokenizer, split.test.texts, 32).batch(
+        pooled_states(m.model_, {}, TokenizedTexts(m.tokenizer_, split.test.texts, 32).batch(
             list(range(len(split.test))))), split.test.labels))
 
 
@@ -133,10 +133,10 @@ def test_neuron_mask_equals_zeroed_columns_and_its_pruned_checkpoint(tiny, split
     assert [t.role for t in m.targets_] == ["ffn_neurons"] * 2 and m.targets_[0].shape == (1, 64)
     texts = list(split.test.texts[:4])
     zero = {t.tensor: m.mask_[t.tensor].expand(32, 64) for t in m.targets_}  # W_down columns
-    batch = TokenizedTexts(m._task.texts.tokenizer, texts, 32).batch(list(range(4)))
+    batch = TokenizedTexts(m.tokenizer_, texts, 32).batch(list(range(4)))
     with torch.no_grad():
-        masked = pooled_states(m._net, m.masked_weights("mask"), batch)
-    assert torch.allclose(masked, _pooled_manual(m._net, m._task.texts.tokenizer, texts, zero), atol=1e-5)
+        masked = pooled_states(m.model_, m.masked_weights("mask"), batch)
+    assert torch.allclose(masked, _pooled_manual(m.model_, m.tokenizer_, texts, zero), atol=1e-5)
     module = m.save(tmp_path / "neurons")
     manifest, stored = read_mask_module(module)
     assert set(stored) == {"ffn.0.neurons", "ffn.1.neurons"}
@@ -186,12 +186,12 @@ def test_language_model_task_scores_the_mean_token_loss(tmp_path, split):
     m = SubnetworkMasker(**FAST).fit(llama, texts)
     assert m.task_ == "lm" and m.metric_ == "loss" and {t.role for t in m.targets_} >= {"ffn_gate", "attention"}
     held_out = list(split.test.texts[:5])
-    tok = m._task.texts.tokenizer
+    tok = m.tokenizer_
     total, count = 0.0, 0
     with torch.no_grad():
         for text in held_out:  # independent: one text at a time, transformers' own shifted loss
             ids = tok(text, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
-            total += float(m._net(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            total += float(m.model_(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
     assert m.score(held_out, "full") == pytest.approx(total / count, rel=1e-5)
     assert m.score(held_out, "inverted") != m.score(held_out, "full")
@@ -312,8 +312,8 @@ def test_minilm_neuron_mask_on_two_bbc_topics(tmp_path):
     assert m.targets_[0].shape == (1, 1536) and len(m.targets_) == 6
     module = m.save(tmp_path / "mask", name="sports+tech")
     pruned = AutoModel.from_pretrained(apply_mask(minilm_dir(), module, tmp_path / "pruned", progress=False)).eval()
-    batch = TokenizedTexts(m._task.texts.tokenizer, train.texts[:4], 32).batch([0, 1, 2, 3])
+    batch = TokenizedTexts(m.tokenizer_, train.texts[:4], 32).batch([0, 1, 2, 3])
     with torch.no_grad():
-        assert torch.allclose(pooled_states(pruned, {}, batch), pooled_states(m._net, m.masked_weights("mask"), batch),
+        assert torch.allclose(pooled_states(pruned, {}, batch), pooled_states(m.model_, m.masked_weights("mask"), batch),
                               atol=1e-4)
     assert 0 <= m.score(data.test.subset(["sports", "tech"]).limit_per_class(10), "mask") <= 1

@@ -34,10 +34,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from posthoc.analyse.base import frozen
 from posthoc.analyse.calibration import CalibrationData, TokenBatch, is_causal_lm, token_batches
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import FFN, FFNWeights, ffn_weights, find_ffns, neuron_scores
 from posthoc.progress import progress_bar
+from posthoc.threads import torch_threads
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -304,8 +306,15 @@ class InputSample(Statistic):
         # Algorithm R, vectorised: token t (0-based stream position p) replaces slot r ~ U[0, p] if r < max
         r = (torch.rand(x.shape[0], generator=self._generator, dtype=torch.float64) * (positions + 1)).long()
         keep = r < self.max_tokens
-        self.x[r[keep]] = x[keep].to(self.dtype)  # later tokens overwrite earlier ones on clashes, as in order
-        self.index[r[keep]] = positions[keep]
+        slots, x, positions = r[keep], x[keep], positions[keep]
+        # Later tokens overwrite earlier ones on clashes, as in order: only each slot's last token is written. An
+        # assignment with repeated indices leaves the winner to whichever thread writes last (on 2 threads the
+        # sample, and so an MoE-fication, changed from run to run), so the clashes are resolved here.
+        last = torch.full((self.max_tokens,), -1, dtype=torch.long).scatter_reduce_(
+            0, slots, torch.arange(len(slots)), "amax")
+        winners = last[last >= 0]
+        self.x[slots[winners]] = x[winners].to(self.dtype)
+        self.index[slots[winners]] = positions[winners]
 
     def result(self) -> dict[str, torch.Tensor]:
         return {"x": self.x, "index": self.index}
@@ -416,6 +425,71 @@ class _Stop(Exception):
     """Raised by the last watched FFN's hook: nothing after it is needed."""
 
 
+class _Watcher:
+    """The hooks of one `collect` pass: before each watched FFN's up projection the input x is kept (when a
+    statistic needs it), before its down projection the neuron activations h and x go to its statistics,
+    real tokens only; the last watched FFN ends the forward pass."""
+
+    def __init__(self, watched: list[FFN], per_ffn: list[dict[str, Statistic]]):
+        self.watched, self.per_ffn = watched, per_ffn
+        self.mask: torch.Tensor | None = None  # (batch·tokens,) real tokens of the current batch; None: all
+        self.labels: torch.Tensor | None = None
+        self.seen = 0
+        self.x: dict[int, torch.Tensor] = {}
+
+    def real_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1, t.shape[-1])
+        return flat if self.mask is None else flat[self.mask]
+
+    def input_hook(self, ffn: FFN) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.x[ffn.index] = self.real_tokens(args[0].detach()).float()
+
+        return hook
+
+    def down_hook(self, ffn: FFN, stats: dict[str, Statistic]) -> Callable:
+        last = ffn.index == self.watched[-1].index
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            h = self.real_tokens(args[0].detach()).float()
+            info = TokenInfo(self.labels, self.seen)
+            x = self.x.pop(ffn.index, None)
+            for s in stats.values():
+                s.update(x, h, info)
+            if last:
+                raise _Stop
+
+        return hook
+
+    @contextmanager
+    def hooked(self, model: nn.Module, needs_input: bool) -> Iterator[None]:
+        handles = []
+        try:
+            for ffn, stats in zip(self.watched, self.per_ffn):
+                up, _, down = ffn.modules(model)
+                if needs_input:
+                    handles.append(up.register_forward_pre_hook(self.input_hook(ffn)))
+                handles.append(down.register_forward_pre_hook(self.down_hook(ffn, stats)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def stream(self, model: nn.Module, batches: Iterable[TokenBatch], bar: Any) -> int:
+        """Run every batch through `model`; the real tokens seen."""
+        tokens = 0
+        for batch in batches:
+            mask = batch.attention_mask.reshape(-1).bool()
+            self.mask = None if bool(mask.all()) else mask
+            self.labels = batch.token_labels()
+            self.seen = tokens
+            with suppress(_Stop):  # the last watched FFN ends the forward pass
+                model(**batch.inputs)
+            tokens += int(mask.sum())
+            bar.update(int(mask.sum()))
+        return tokens
+
+
 def collect(
     model: nn.Module,
     data: Any,
@@ -439,9 +513,8 @@ def collect(
     texts; or pass ready `batches` (then `data` may be None). Decoders get packed sequences (pack=None
     decides from the model). `layers` restricts the FFNs watched (by index); `max_tokens` bounds the
     real tokens streamed. Raises DataError when the data yields fewer tokens than a statistic needs.
+    The model is left as it was (`frozen`: it runs in eval mode).
     """
-    from posthoc.threads import torch_threads
-
     if not statistics:
         raise ConfigError("collect needs at least one statistic")
     names = [s.name for s in statistics]
@@ -451,6 +524,7 @@ def collect(
     watched = all_ffns if layers is None else [f for f in all_ffns if f.index in set(layers)]
     if not watched:
         raise ConfigError(f"no FFN selected: layers {sorted(set(layers or []))} not in 0..{len(all_ffns) - 1}")
+    source = "batches"
     if batches is None:
         if tokenizer is None:
             raise ConfigError("collect needs a tokenizer to turn texts into tokens (or ready batches)")
@@ -459,68 +533,21 @@ def collect(
         batches = token_batches(tokenizer, calib, max_length=max_length, batch_size=batch_size, pack=pack,
                                 max_tokens=max_tokens)
         source = calib.name
-    else:
-        source = "batches"
     per_ffn = [{s.name: s for s in (copy.deepcopy(p) for p in statistics)} for _ in watched]
     for ffn, stats in zip(watched, per_ffn):
         w = ffn_weights(model, ffn)
         for s in stats.values():
             s.start(ffn, w)
-    needs_input = any(s.needs_input for s in statistics)
-    state: dict[str, Any] = {"mask": None, "labels": None, "seen": 0, "x": {}}
-    last = watched[-1].index
-    handles = []
-
-    def real_tokens(t: torch.Tensor) -> torch.Tensor:
-        flat = t.reshape(-1, t.shape[-1])
-        return flat if state["mask"] is None else flat[state["mask"]]
-
-    def input_hook(ffn: FFN) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            state["x"][ffn.index] = real_tokens(args[0].detach()).float()
-
-        return hook
-
-    def down_hook(ffn: FFN, stats: dict[str, Statistic]) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            h = real_tokens(args[0].detach()).float()
-            info = TokenInfo(state["labels"], state["seen"])
-            x = state["x"].pop(ffn.index, None)
-            for s in stats.values():
-                s.update(x, h, info)
-            if ffn.index == last:
-                raise _Stop
-
-        return hook
-
-    tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for ffn, stats in zip(watched, per_ffn):
-            up, _, down = ffn.modules(model)
-            if needs_input:
-                handles.append(up.register_forward_pre_hook(input_hook(ffn)))
-            handles.append(down.register_forward_pre_hook(down_hook(ffn, stats)))
-        with (
-            progress_bar(max_tokens, "collect activations", "tok", enabled=progress) as bar,
-            torch_threads(threads),
-            torch.inference_mode(),
-        ):
-            bar.leave = False  # a step of a larger job: gone once done
-            for batch in batches:
-                mask = batch.attention_mask.reshape(-1).bool()
-                state["mask"] = None if bool(mask.all()) else mask
-                state["labels"] = batch.token_labels()
-                state["seen"] = tokens
-                with suppress(_Stop):  # the last watched FFN ends the forward pass
-                    model(**batch.inputs)
-                tokens += int(mask.sum())
-                bar.update(int(mask.sum()))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    watcher = _Watcher(watched, per_ffn)
+    with (
+        frozen(model),
+        watcher.hooked(model, any(s.needs_input for s in statistics)),
+        progress_bar(max_tokens, "collect activations", "tok", enabled=progress) as bar,
+        torch_threads(threads),
+        torch.inference_mode(),
+    ):
+        bar.leave = False  # a step of a larger job: gone once done
+        tokens = watcher.stream(model, batches, bar)
     needed = max(s.min_tokens for s in statistics)
     if tokens < needed:
         raise DataError(

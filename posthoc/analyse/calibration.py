@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from posthoc.data import load_bbc, read_text_folders, stratified_split
 from posthoc.errors import DataError
 
 TEXT_COLUMNS = ("text", "content", "sentence", "document")
@@ -125,8 +126,6 @@ def load_calibration(
 def _load_one(spec: str, text_column: str | None, label_column: str | None) -> CalibrationData:
     path = Path(spec).expanduser()
     if spec.startswith("folders:"):
-        from posthoc.data import read_text_folders
-
         return CalibrationData.of(read_text_folders(spec[len("folders:") :]))
     if spec == "bbc" or spec.startswith("bbc:"):
         return _bbc(spec)
@@ -201,8 +200,6 @@ def _rows(rows: list[dict[str, Any]], where: str, text_column: str | None, label
 
 
 def _bbc(spec: str) -> CalibrationData:
-    from posthoc.data import load_bbc, stratified_split
-
     part = spec.partition(":")[2]
     data = load_bbc()
     if part:

@@ -15,7 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm, token_batches
-from posthoc.models import mean_pool
+from posthoc.errors import DataError
+from posthoc.models import Encoder, mean_pool
 
 
 @torch.inference_mode()
@@ -38,8 +39,6 @@ def perplexity(
         total += float(loss)
         count += ids[:, 1:].numel()
     if count == 0:
-        from posthoc.errors import DataError
-
         raise DataError("perplexity: the evaluation text gave no token pairs")
     return math.exp(total / count)
 
@@ -47,9 +46,7 @@ def perplexity(
 def sentence_embeddings(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 32
 ) -> torch.Tensor:
-    """Mean-pooled last hidden states (texts, hidden), the way `posthoc.finetune.Encoder` pools."""
-    from posthoc.models import Encoder
-
+    """Mean-pooled last hidden states (texts, hidden), the way `posthoc.models.Encoder` pools."""
     return Encoder(model, tokenizer).embed(list(texts), max_length=max_length, batch_size=batch_size, threads=torch.get_num_threads())
 
 
@@ -66,7 +63,7 @@ def quality_kind(model: nn.Module) -> str:
 def pooled_states(model: nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled last hidden states of `model` with `params` substituted: (batch, hidden).
 
-    Encoders pool `last_hidden_state` (as `posthoc.finetune.Encoder`); causal LMs their last hidden layer."""
+    Encoders pool `last_hidden_state` (as `posthoc.models.Encoder`); causal LMs their last hidden layer."""
     if is_causal_lm(model):
         batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
         out = functional_call(model, params, args=(), kwargs={**batch, "output_hidden_states": True})

@@ -43,8 +43,10 @@ from posthoc.analyse.activations import (
     InputSample,
     SecondMoments,
     collect,
+    edit_neurons,
     neuron_masks,
 )
+from posthoc.analyse.base import Analyser, frozen
 from posthoc.analyse.calibration import CalibrationData
 from posthoc.analyse.cluster.graphs import (
     METHODS,
@@ -62,11 +64,12 @@ from posthoc.analyse.cluster.graphs import (
     weight_graph,
 )
 from posthoc.analyse.evaluate import pooled_states
-from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
+from posthoc.analyse.params import FLOAT_OR_AUTO, INT_LIST, Param, ParamTable, choice, is_int, is_number
 from posthoc.analyse.texts import TokenizedTexts
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import FFN, ffn_weights, find_ffns
 from posthoc.finetune import linear_probe
+from posthoc.models import load_model
 from posthoc.progress import progress_bar
 from posthoc.threads import torch_threads
 
@@ -85,35 +88,35 @@ PARAMS = ParamTable("NeuronClusterer", [
     choice("method", "spectral", METHODS,
            "spectral: K communities from the normalised graph's eigenvectors; louvain: networkx, K found by the method."),
     Param("n_clusters", 8, "an int >= 2 (and at most the neurons of an FFN)", lambda v, p: is_int(v) and v >= 2,
-          "K for spectral clustering."),
-    Param("resolution", 1.0, "a number > 0", lambda v, p: is_number(v) and v > 0, "Louvain resolution."),
+          "K for spectral clustering.", int),
+    Param("resolution", 1.0, "a number > 0", lambda v, p: is_number(v) and v > 0, "Louvain resolution.", float),
     Param("edge_fraction", "auto", "'auto', None or a number in (0, 1]", _fraction_or_auto,
           "Keep this fraction of the strongest edges before clustering (auto: all for spectral, 0.02 for "
-          "Louvain, whose cost grows with the edges)."),
+          "Louvain, whose cost grows with the edges).", FLOAT_OR_AUTO),
     Param("across_layers", False, "a bool", lambda v, p: isinstance(v, bool),
-          "Cluster pairs of adjacent FFNs together (modules that span layers)."),
+          "Cluster pairs of adjacent FFNs together (modules that span layers).", bool),
     Param("layers", None, "None or a list of FFN indices", lambda v, p: v is None or (
         isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(i) and i >= 0 for i in v)),
-          "FFNs to analyse (default: all)."),
+          "FFN indices to analyse, e.g. 0,1,2 (default: all).", INT_LIST),
     Param("shuffles", 20, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
-          "Shuffled copies each graph is compared with (0: no test, no verdict)."),
+          "Shuffled copies each graph is compared with (0: no test, no verdict).", int),
     Param("shuffle_tokens", 4096, "an int >= 64", lambda v, p: is_int(v) and v >= 64,
-          "Activation graphs: tokens sampled (per FFN, the same tokens) for shuffles and cross-layer blocks."),
+          "Activation graphs: tokens sampled (per FFN, the same tokens) for shuffles and cross-layer blocks.", int),
     Param("top_fraction", 0.1, "a number in (0, 1]", lambda v, p: is_number(v) and 0 < v <= 1,
-          "coactivation: a neuron is active on a token when among its top fraction of |h|."),
-    Param("max_tokens", 50_000, "an int >= 64", lambda v, p: is_int(v) and v >= 64, "Calibration tokens streamed."),
-    Param("max_length", 128, "an int >= 8", lambda v, p: is_int(v) and v >= 8, "Tokens per text."),
-    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Texts per forward pass."),
+          "coactivation: a neuron is active on a token when among its top fraction of |h|.", float),
+    Param("max_tokens", 50_000, "an int >= 64", lambda v, p: is_int(v) and v >= 64, "Calibration tokens streamed.", int),
+    Param("max_length", 128, "an int >= 8", lambda v, p: is_int(v) and v >= 8, "Tokens per text.", int),
+    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Texts per forward pass.", int),
     Param("max_label_texts", 250, "an int >= 4", lambda v, p: is_int(v) and v >= 4,
-          "Labelled texts used for function ties and ablations (stratified cap)."),
+          "Labelled texts used for function ties and ablations (stratified cap).", int),
     Param("ablation_baselines", 3, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
-          "Random neuron sets of the same size ablated per cluster (0: ablate clusters only)."),
-    Param("ablate", True, "a bool", lambda v, p: isinstance(v, bool), "Measure what ablating each cluster costs."),
-    Param("seed", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0, "Seed of clustering and shuffles."),
+          "Random neuron sets of the same size ablated per cluster (0: ablate clusters only).", int),
+    Param("ablate", True, "a bool", lambda v, p: isinstance(v, bool), "Measure what ablating each cluster costs.", bool),
+    Param("seed", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0, "Seed of clustering and shuffles.", int),
     Param("ffn_modules", None, "None or 'up=P,down=P[,gate=P][,act=NAME]'",
-          lambda v, p: v is None or isinstance(v, (str, dict)), "FFN modules of models posthoc does not know."),
-    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads."),
-    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars."),
+          lambda v, p: v is None or isinstance(v, (str, dict)), "FFN modules of models posthoc does not know.", str),
+    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads.", int),
+    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars.", bool, cli=False),
 ])
 
 
@@ -230,6 +233,18 @@ def as_labelled(labels: Any, data: CalibrationData | None, cap: int, seed: int) 
     return LabelledTexts(tuple(texts[i] for i in keep), values[keep], tuple(names), source)
 
 
+def stratified_halves(y: np.ndarray, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """(first rows, second rows): each label's rows shuffled by `rng` and cut in half (the first half rounded
+    down, at least one row)."""
+    first, second = [], []
+    for k in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == k))
+        half = max(1, len(members) // 2)
+        first += members[:half].tolist()
+        second += members[half:].tolist()
+    return first, second
+
+
 def _against(value: float, baselines: list[float]) -> tuple[float, float, float]:
     """(mean, std, z) of a cluster's ablation cost against random sets of the same size (nan when undefined)."""
     mean = float(np.mean(baselines)) if baselines else float("nan")
@@ -241,8 +256,9 @@ def _against(value: float, baselines: list[float]) -> tuple[float, float, float]
 # --------------------------------------------------------------------------------------- estimator
 
 
-class NeuronClusterer:
-    """Cluster FFN neurons into communities and test whether the model is more modular than its shuffles.
+class NeuronClusterer(Analyser, params=PARAMS):
+    """Cluster FFN neurons into communities and test whether the model is more modular than its shuffles
+    (the analyser contract of `posthoc.analyse.base`).
 
     Learned attributes (after `fit`): ffns_ (the FFNs analysed), units_ (list[GraphUnit]: graph,
     communities, Q and n-cut tests, verdict), clusters_ (list[Cluster], neuron communities of >= 1
@@ -250,28 +266,17 @@ class NeuronClusterer:
     label_names_, function_ ((clusters, labels) average precision), prevalence_ (labels,), ablation_
     (list of dicts: cluster, size, accuracy and loss with the cluster ablated, the same for random sets of its
     size, z of the accuracy drop and of the loss increase),
-    full_accuracy_, full_loss_, timings_, source_.
+    full_accuracy_, full_loss_, cluster_activation_ ((texts, clusters) mean |h|), labels_source_,
+    probe_texts_, eval_texts_, timings_, source_, and model_ / tokenizer_ (the model analysed, left as it
+    was, and its tokenizer: what the cluster modules are written for).
     """
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(PARAMS.params))
-        if unknown:
-            raise ConfigError(f"NeuronClusterer has no parameter {unknown[0]!r}; parameters: {', '.join(PARAMS.params)}")
-        self.params = {**PARAMS.defaults(), **params}
-        for name, value in self.params.items():
-            setattr(self, name, value)
-
-    def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.params}
 
     # ------------------------------------------------------------------------------------------ fit
 
     def fit(self, model: Any, data: Any = None, *, labels: Any = None, tokenizer: Any = None) -> NeuronClusterer:
         """model: checkpoint spec or loaded model (+ tokenizer); data: calibration texts (needed for activation
         graphs); labels: labelled texts, or one label per calibration text (function ties, ablations)."""
-        from posthoc.models import load_model
-
-        PARAMS.validate(self.get_params())
+        self.validate_params()
         started = time.perf_counter()
         calib = None if data is None else CalibrationData.of(data)
         if calib is not None and len(calib) == 0:
@@ -288,7 +293,7 @@ class NeuronClusterer:
         self.ffns_ = self._watched(all_ffns)
         self._check_sizes(model)
         timings: dict[str, float] = {}
-        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+        with frozen(model), torch_threads(self.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             t0 = time.perf_counter()
             acts = None
@@ -302,14 +307,15 @@ class NeuronClusterer:
             self.clusters_ = self._clusters()
             self.modular_ = {unit.name: unit.modular for unit in self.units_}
             self.label_names_, self.function_, self.prevalence_, self.ablation_ = (), None, None, []
-            self.full_accuracy_ = self.full_loss_ = None
+            self.cluster_activation_ = self.labels_source_ = self.full_accuracy_ = self.full_loss_ = None
+            self.probe_texts_ = self.eval_texts_ = None
             if labelled is not None:
                 t0 = time.perf_counter()
                 self._tie_to_labels(model, tokenizer, labelled, all_ffns)
                 timings["function_and_ablation"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
         self.timings_ = timings
-        self._model, self._tokenizer = model, tokenizer
+        self.model_, self.tokenizer_ = model, tokenizer
         return self
 
     def _watched(self, all_ffns: list[FFN]) -> list[FFN]:
@@ -453,8 +459,6 @@ class NeuronClusterer:
     # ----------------------------------------------------------------------------- function ties
 
     def _tie_to_labels(self, model: nn.Module, tokenizer: Any, labelled: LabelledTexts, all_ffns: list[FFN]) -> None:
-        from posthoc.analyse.activations import edit_neurons
-
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         texts = TokenizedTexts(tokenizer, labelled.texts, self.max_length)
@@ -499,12 +503,7 @@ class NeuronClusterer:
                 all_ffns: list[FFN]) -> None:
         y = labelled.labels
         rng = np.random.default_rng(self.seed)
-        probe_rows, eval_rows = [], []
-        for k in np.unique(y):  # stratified halves: the probe never sees the texts it is read on
-            members = rng.permutation(np.flatnonzero(y == k))
-            half = max(1, len(members) // 2)
-            probe_rows += members[:half].tolist()
-            eval_rows += members[half:].tolist()
+        probe_rows, eval_rows = stratified_halves(y, rng)  # the probe never sees the texts it is read on
         if not eval_rows:
             raise DataError("too few labelled texts to hold half out for ablations; give more")
         head = linear_probe(embeddings[probe_rows], y[probe_rows].tolist(), labelled.label_names, seed=self.seed)
@@ -558,13 +557,9 @@ class NeuronClusterer:
 
     # ------------------------------------------------------------------------------------------ use
 
-    def _fitted(self) -> None:
-        if not hasattr(self, "units_"):
-            raise ConfigError("this NeuronClusterer is not fitted yet; call fit(model, data) first")
-
     def summary(self) -> dict[str, Any]:
         """Everything learned, as JSON-ready data (clusters.json)."""
-        self._fitted()
+        self.check_fitted()
         out: dict[str, Any] = {
             "params": {k: v for k, v in self.get_params().items() if k not in ("progress", "threads")},
             "source": str(self.source_) if self.source_ else None,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from posthoc.errors import ConfigError
+from posthoc.threads import torch_threads
 
 METHODS = ("spectral", "louvain")
 
@@ -191,8 +192,6 @@ def normalized_cut(adjacency: np.ndarray, labels: np.ndarray) -> float:
 def _single_thread() -> Iterator[None]:
     """LAPACK's eigensolvers scale badly past one thread and collapse when cores are shared (a 768 × 768
     eigh took 16 s on 2 busy threads, 1 s on one): run them on one."""
-    from posthoc.threads import torch_threads
-
     with torch_threads(1):
         yield
 

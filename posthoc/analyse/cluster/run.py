@@ -15,7 +15,7 @@ import torch
 from posthoc.analyse.cluster.clusterer import NeuronClusterer
 from posthoc.analyse.cluster.graphs import sparsify, to_networkx
 from posthoc.analyse.cluster.report import EXPORT_EDGE_FRACTION, cluster_report
-from posthoc.checkpoint import open_checkpoint
+from posthoc.checkpoint import check_output_location, open_checkpoint
 from posthoc.ffn import FFN
 from posthoc.modules.format import BaseRef
 from posthoc.modules.masks import neuron_entries, neuron_mask_name, staged_output, write_mask_module
@@ -25,7 +25,7 @@ from posthoc.report import Report
 def write_cluster_output(c: NeuronClusterer, out_dir: str | os.PathLike[str], *, force: bool = False,
                          graphml: bool = True, modules: bool = True, report: Report | None = None) -> Path:
     """Write report, clusters.json, GraphML files and one mask module per cluster (see the module docstring)."""
-    c._fitted()
+    c.check_fitted()
     protect = [Path(c.source_)] if c.source_ else []
     with staged_output(out_dir, protect=protect, force=force) as staging:
         (staging / "clusters.json").write_text(json.dumps(_jsonable(c.summary()), indent=1) + "\n")
@@ -44,7 +44,7 @@ def write_cluster_output(c: NeuronClusterer, out_dir: str | os.PathLike[str], *,
                     masks, entries = {}, {}
                     for layer, idx in cl.neurons.items():
                         ffn = _ffn_of(c, layer)
-                        member = np.zeros(ffn.modules(c._model)[2].in_features, dtype=bool)
+                        member = np.zeros(ffn.modules(c.model_)[2].in_features, dtype=bool)
                         member[idx] = True
                         masks[neuron_mask_name(layer)] = torch.from_numpy(member)
                         entries.update(neuron_entries(ffn, base))
@@ -76,8 +76,6 @@ def _jsonable(value: Any) -> Any:
 def split_cluster(model: Any, out_dir: str | os.PathLike[str], calib: Any = None, *, labels: Any = None,
                   force: bool = False, **params: Any) -> NeuronClusterer:
     """The whole command: check the output location, fit, write. Returns the fitted clusterer."""
-    from posthoc.checkpoint import check_output_location
-
     check_output_location(Path(out_dir), [Path(model)] if isinstance(model, (str, os.PathLike)) else [], force)
     started = time.perf_counter()
     clusterer = NeuronClusterer(**params).fit(model, calib, labels=labels)

@@ -30,6 +30,7 @@ the masked weights substituted, so the loaded model is never modified.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -43,15 +44,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from posthoc.analyse.base import Analyser, frozen
 from posthoc.analyse.calibration import is_causal_lm
 from posthoc.analyse.evaluate import pooled_states
-from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
+from posthoc.analyse.params import DIRECTORY, Param, ParamTable, choice, is_int, is_number
 from posthoc.analyse.texts import TokenizedTexts
 from posthoc.checkpoint import open_checkpoint
 from posthoc.data import TextClassificationData
 from posthoc.errors import ConfigError, DataError, IncompatibleError
 from posthoc.ffn import find_ffns
 from posthoc.finetune import ClassificationHead, as_head, batch_indices, linear_probe
+from posthoc.models import load_model
 from posthoc.modules.masks import checkpoint_name, neuron_entries, neuron_mask_name, write_mask_module
 from posthoc.progress import progress_bar
 from posthoc.threads import torch_threads
@@ -149,7 +152,8 @@ class ClassificationTask:
                 f"{present or 'none'} (choose more classes or another data set)"
             )
         self.data = data
-        self.head = None if head is None else as_head(head)
+        # a copy: the caller's head is left as it was (prepare freezes it)
+        self.head = None if head is None else as_head(copy.deepcopy(head) if isinstance(head, ClassificationHead) else head)
         if self.head is not None and tuple(self.head.label_names) != tuple(data.label_names):
             raise DataError(
                 f"{data.name}: the head predicts {list(self.head.label_names)} but the data's classes are "
@@ -276,56 +280,49 @@ PARAMS = ParamTable("SubnetworkMasker", [
     choice("granularity", "weight", GRANULARITIES,
            "weight: one logit per weight of every block linear map; neuron: one per FFN neuron."),
     Param("alpha", None, "None or a number > 0", lambda v, p: v is None or (is_number(v) and v > 0),
-          "Weight of the density term per kept entry (None: 5e-5 for weights, 5e-4 for neurons)."),
-    Param("steps", 200, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Mask training steps."),
-    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Texts per step."),
-    Param("lr", 0.1, "a number > 0", lambda v, p: is_number(v) and v > 0, "Adam learning rate of the logits."),
-    Param("init_logit", 2.0, "a number", lambda v, p: is_number(v), "Initial logit (2.0: P(keep) = 0.88)."),
-    Param("temperature", 1.0, "a number > 0", lambda v, p: is_number(v) and v > 0, "Gumbel-sigmoid temperature."),
-    Param("max_length", 128, "an int >= 2", lambda v, p: is_int(v) and v >= 2, "Tokens per text."),
-    choice("task", "auto", TASKS, "auto: classification for labelled texts, lm for plain texts."),
+          "Weight of the density term per kept entry (None: 5e-5 for weights, 5e-4 for neurons).", float),
+    Param("steps", 200, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Mask training steps.", int),
+    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Texts per step.", int),
+    Param("lr", 0.1, "a number > 0", lambda v, p: is_number(v) and v > 0, "Adam learning rate of the logits.", float),
+    Param("init_logit", 2.0, "a number", lambda v, p: is_number(v), "Initial logit (2.0: P(keep) = 0.88).", float),
+    Param("temperature", 1.0, "a number > 0", lambda v, p: is_number(v) and v > 0, "Gumbel-sigmoid temperature.", float),
+    Param("max_length", 128, "an int >= 2", lambda v, p: is_int(v) and v >= 2, "Tokens per text.", int),
+    choice("task", "auto", TASKS, "auto: classification for labelled texts, lm for plain texts.",
+           cli=False),  # `split mask --task` gives the tasks' data
     Param("head", None, "None, a ClassificationHead or the directory of one",
           lambda v, p: v is None or isinstance(v, (ClassificationHead, str, os.PathLike)),
-          "The head whose function the mask keeps (default: a linear probe on the full model)."),
+          "The head whose function the mask keeps (default: a linear probe on the full model).", DIRECTORY),
     Param("ffn_modules", None, "None or 'up=P,down=P[,gate=P][,act=NAME]'",
-          lambda v, p: v is None or isinstance(v, (str, dict)), "FFN modules of models posthoc does not know."),
-    Param("seed", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0, "Seed of the probe, batches and samples."),
-    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads."),
-    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars."),
+          lambda v, p: v is None or isinstance(v, (str, dict)), "FFN modules of models posthoc does not know.", str),
+    Param("seed", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0, "Seed of the probe, batches and samples.", int),
+    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads.", int),
+    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars.", bool, cli=False),
 ])
 
 
-class SubnetworkMasker:
-    """Learn a binary mask over a frozen model's weights (or FFN neurons) that keeps one task working.
+class SubnetworkMasker(Analyser, params=PARAMS):
+    """Learn a binary mask over a frozen model's weights (or FFN neurons) that keeps one task working (the
+    analyser contract of `posthoc.analyse.base`).
 
     fit(model, data): `model` is a checkpoint spec (directory, GGUF, hub id) or a loaded transformers
-    model (then pass `tokenizer=`); `data` is a TextClassificationData (classification task) or a list of
-    texts (language-model task, needs a causal LM).
+    model (then pass `tokenizer=`; it is left as it was); `data` is a TextClassificationData
+    (classification task) or a list of texts (language-model task, needs a causal LM).
 
     Learned attributes
         targets_          list[MaskTarget]: what the mask covers
         logits_           {tensor: logits}; mask_ {tensor: bool mask} (logit > 0), broadcastable to the weight
         density_          kept fraction of all masked entries; layer_density_ {layer: kept fraction};
                           role_density_ {role: kept fraction}
+        alpha_            the density weight used (`alpha`, or the granularity's default)
         history_          per step: task loss, expected density
         head_             the frozen classification head (classification tasks)
         task_, metric_    "classification"/"accuracy" or "lm"/"loss"
+        objective_        the task's loss and score (ClassificationTask or LanguageModelTask), for `score`
+        model_, tokenizer_  the model the mask was learned on and its tokenizer, for `score`
+        ffns_             the model's FFNs (neuron masks)
         source_           the checkpoint directory (None when fitted on a loaded model)
         seconds_          training time
     """
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(PARAMS.params))
-        if unknown:
-            raise ConfigError(
-                f"SubnetworkMasker has no parameter {unknown[0]!r}; parameters: {', '.join(PARAMS.params)}"
-            )
-        self.params = {**PARAMS.defaults(), **params}
-        for name, value in self.params.items():
-            setattr(self, name, value)
-
-    def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.params}
 
     # -------------------------------------------------------------------------------------------- fit
 
@@ -343,65 +340,60 @@ class SubnetworkMasker:
 
     def fit(self, model: Any, data: TextClassificationData | Sequence[str], *, tokenizer: Any = None) -> SubnetworkMasker:
         """Learn the mask. model: a checkpoint spec or a loaded transformers model (with `tokenizer`)."""
-        from posthoc.models import load_model
-
-        PARAMS.validate(self.get_params())
+        self.validate_params()
         task = self._make_task(data)  # data errors before minutes of loading
         started = time.perf_counter()
         self.source_ = None
         if isinstance(model, (str, os.PathLike)):
-            net, tokenizer, self.source_ = load_model(model)
+            model, tokenizer, self.source_ = load_model(model)
         elif tokenizer is None:
             raise ConfigError("SubnetworkMasker.fit: pass tokenizer= with a loaded model (or give a checkpoint path)")
-        else:
-            net = model
-        net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        targets = mask_targets(net, self.granularity, self.ffn_modules)
-        weights = {t.tensor: net.get_parameter(t.tensor).detach() for t in targets}
-        total = sum(t.size for t in targets)
-        alpha = self.alpha if self.alpha is not None else DEFAULT_ALPHA[self.granularity]
-        self.alpha_ = alpha
-
-        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+        targets = mask_targets(model, self.granularity, self.ffn_modules)
+        self.alpha_ = self.alpha if self.alpha is not None else DEFAULT_ALPHA[self.granularity]
+        with frozen(model), torch_threads(self.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            task.prepare(net, tokenizer, self.max_length, self.batch_size * 4, self.progress)
-            logits = {t.tensor: torch.full(t.shape, float(self.init_logit), requires_grad=True) for t in targets}
-            optimizer = torch.optim.Adam(list(logits.values()), lr=self.lr)
-            generator = torch.Generator().manual_seed(self.seed)
-            history = []
-            schedule = batch_indices(len(task), self.steps, self.batch_size, self.seed)
-            with progress_bar(len(schedule), f"mask ({task.kind})", "step", enabled=self.progress) as bar:
-                for rows in schedule:
-                    params = {
-                        name: weights[name] * sample_hard_mask(logits[name], self.temperature, generator)
-                        for name in weights
-                    }
-                    task_loss = task.loss(net, params, rows)
-                    kept = sum(torch.sigmoid(z).sum() for z in logits.values())  # expected kept entries
-                    loss = task_loss + alpha * kept
-                    density = kept.detach() / total
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    history.append({"task_loss": task_loss.item(), "density": density.item()})
-                    bar.set_postfix(loss=f"{history[-1]['task_loss']:.3f}", density=f"{history[-1]['density']:.3f}")
-                    bar.update(1)
-
+            task.prepare(model, tokenizer, self.max_length, self.batch_size * 4, self.progress)
+            logits, self.history_ = self._learn(model, task, targets)
         self.targets_ = targets
         self.logits_ = {name: z.detach() for name, z in logits.items()}
         self.mask_ = {name: z > 0 for name, z in self.logits_.items()}
-        self.history_ = history
         self.head_ = getattr(task, "head", None)
         self.task_ = task.kind
         self.metric_ = task.metric
-        self.ffns_ = find_ffns(net, self.ffn_modules)
+        self.ffns_ = find_ffns(model, self.ffn_modules)
         self.seconds_ = time.perf_counter() - started
-        self._net, self._task, self._weights = net, task, weights
+        self.model_, self.tokenizer_, self.objective_ = model, tokenizer, task
         self._summarise()
         log.info("mask learned in %.1f s: density %.4f", self.seconds_, self.density_)
         return self
+
+    def _learn(self, model: nn.Module, task: ClassificationTask | LanguageModelTask, targets: list[MaskTarget]
+               ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+        """The training loop (see the module docstring): (logits per masked tensor, history per step)."""
+        weights = {t.tensor: model.get_parameter(t.tensor).detach() for t in targets}
+        total = sum(t.size for t in targets)
+        logits = {t.tensor: torch.full(t.shape, float(self.init_logit), requires_grad=True) for t in targets}
+        optimizer = torch.optim.Adam(list(logits.values()), lr=self.lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        history = []
+        schedule = batch_indices(len(task), self.steps, self.batch_size, self.seed)
+        with progress_bar(len(schedule), f"mask ({task.kind})", "step", enabled=self.progress) as bar:
+            for rows in schedule:
+                params = {
+                    name: weights[name] * sample_hard_mask(logits[name], self.temperature, generator)
+                    for name in weights
+                }
+                task_loss = task.loss(model, params, rows)
+                kept = sum(torch.sigmoid(z).sum() for z in logits.values())  # expected kept entries
+                loss = task_loss + self.alpha_ * kept
+                density = kept.detach() / total
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                history.append({"task_loss": task_loss.item(), "density": density.item()})
+                bar.set_postfix(loss=f"{history[-1]['task_loss']:.3f}", density=f"{history[-1]['density']:.3f}")
+                bar.update(1)
+        return logits, history
 
     def _summarise(self) -> None:
         kept = {t.tensor: int(self.mask_[t.tensor].sum()) for t in self.targets_}
@@ -418,21 +410,18 @@ class SubnetworkMasker:
 
     # ---------------------------------------------------------------------------------------- use
 
-    def _fitted(self) -> None:
-        if not hasattr(self, "mask_"):
-            raise ConfigError(f"this {type(self).__name__} is not fitted yet; call fit(model, data) first")
-
     def masked_weights(self, which: str = "mask", seed: int = 0) -> dict[str, torch.Tensor]:
         """The masked weights to substitute: the learned mask, its inverse, or a random mask of the same
         density per tensor (a baseline); "full" substitutes nothing."""
-        self._fitted()
+        self.check_fitted()
         if which not in WHICH:
             raise ConfigError(f"which={which!r} is unknown; use one of {', '.join(WHICH)}")
         if which == "full":
             return {}
         generator = torch.Generator().manual_seed(seed)
         out = {}
-        for name, weight in self._weights.items():
+        for target in self.targets_:
+            name, weight = target.tensor, self.model_.get_parameter(target.tensor).detach()
             mask = self.mask_[name]
             if which == "inverted":
                 mask = ~mask
@@ -447,12 +436,12 @@ class SubnetworkMasker:
     def score(self, data: Any, which: str = "mask", *, batch_size: int = 64) -> float:
         """Accuracy (classification) or mean token loss (lm) of the full, masked, inverted or random-mask model."""
         params = self.masked_weights(which)
-        with torch_threads(self.threads):
-            return self._task.score(self._net, params, data, self.max_length, batch_size)
+        with frozen(self.model_), torch_threads(self.threads):
+            return self.objective_.score(self.model_, params, data, self.max_length, batch_size)
 
     def module_tensors(self, base: Any) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
         """(stored masks, manifest entries) of this mask as a mask module over checkpoint `base`."""
-        self._fitted()
+        self.check_fitted()
         if self.granularity == "weight":
             names = {param: checkpoint_name(base, param) for param in self.mask_}
             return ({names[p]: m for p, m in self.mask_.items()},
@@ -466,7 +455,7 @@ class SubnetworkMasker:
     def save(self, out_dir: str | os.PathLike[str], *, name: str = "task", force: bool = False,
              provenance: dict[str, Any] | None = None, base_ref: Any = None) -> Path:
         """Write the mask as a `mask` module (1 = kept) for the checkpoint it was learned on."""
-        self._fitted()
+        self.check_fitted()
         if self.source_ is None:
             raise ConfigError("the mask was learned on a model loaded in memory; fit it on a checkpoint path to save it")
         with open_checkpoint(self.source_) as base:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posthoc.analyse.calibration import CalibrationData, load_calibration
 from posthoc.analyse.masks.masker import SubnetworkMasker
 from posthoc.analyse.masks.report import MaskResult, MaskTask, mask_report, summary
 from posthoc.checkpoint import check_output_location, open_checkpoint
@@ -21,8 +22,6 @@ def parse_task(spec: str, *, train_per_class: int | None = None, test_per_class:
                seed: int = 0) -> MaskTask:
     """`DATA[:class,class,...]` -> MaskTask. DATA: 'bbc', 'folders:DIR' (labelled: classification, split 70/10/20
     stratified), or a text file/directory (language modelling: the last 20 % of texts held out)."""
-    from posthoc.analyse.calibration import CalibrationData, load_calibration
-
     data_spec, classes, data = spec, None, None
     head, sep, tail = spec.rpartition(":")
     if sep and head:  # "DATA:class,class" when DATA is labelled data and the tail names its classes

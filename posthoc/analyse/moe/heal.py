@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from posthoc.analyse.base import frozen
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm, token_batches
 from posthoc.analyse.moe.layers import (
     HEALED_THRESHOLD,
@@ -189,10 +192,47 @@ def threshold_budgets(layers: list[MoEFFN]) -> list[ThresholdBudget | None]:
             for layer in layers]
 
 
-def layer_ffn_lr(moe: Any) -> float:
-    """The layer-wise phase's rate for the experts' matrices (0: they stay frozen there; objects loaded
-    from an older output lack the parameter)."""
-    return float(getattr(moe, "layer_heal_ffn_lr", 0.0) or 0.0)
+def fit_lora(layer: MoEFFN, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Set the layer's LoRA term to the reduced-rank regression of what it misses (dense − MoE output) on x."""
+    with torch.no_grad():
+        layer.lora_b.zero_()
+        missed = target - torch.cat([layer(x[j : j + 4096]) for j in range(0, x.shape[0], 4096)])
+        a, b = reduced_rank_regression(x, missed, layer.lora_a.shape[0])
+        layer.lora_a.copy_(a)
+        layer.lora_b.copy_(b)
+
+
+def train_layer(moe: Any, layer: MoEFFN, params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                generator: torch.Generator) -> None:
+    """`layer_heal_epochs` epochs of output MSE on (x, target) in batches of 512; `params` end at the best epoch
+    (the start included: training never makes the layer worse on its sample) and frozen again."""
+
+    def sample_loss() -> float:
+        with torch.no_grad():
+            return sum(float((layer(x[j : j + 4096]) - target[j : j + 4096]).square().sum())
+                       for j in range(0, x.shape[0], 4096)) / x.shape[0]
+
+    optimizer, _ = optimizer_for([layer], moe, weights=False)
+    if moe.layer_heal_ffn_lr > 0:
+        optimizer.add_param_group({"params": [layer.first_weight, layer.down_t], "lr": moe.layer_heal_ffn_lr})
+        layer.first_weight.requires_grad_(True)
+        layer.down_t.requires_grad_(True)
+    best, best_state = sample_loss(), {k: p.detach().clone() for k, p in params.items()}
+    with torch_threads(1):  # small per-expert matmuls: a second thread mostly waits on a busy machine
+        for _ in range(moe.layer_heal_epochs):
+            for idx in torch.randperm(x.shape[0], generator=generator).split(512):
+                loss = (layer(x[idx]) - target[idx]).square().sum(-1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            current = sample_loss()
+            if current < best:
+                best, best_state = current, {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(best_state[k])
+    for p in params.values():
+        p.requires_grad_(False)
 
 
 def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -200,50 +240,19 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
     fit the LoRA term by reduced-rank regression of what the MoE layer misses (dense − MoE output), then
     train router, expert scales, compensation, LoRA (and biases with `heal_biases`) for `layer_heal_epochs`
     epochs on the output MSE; with `layer_heal_ffn_lr` > 0 the experts' matrices too, at that rate (the
-    largest single gain measured on MiniLM at 25 %: see benchmarks/RESULTS.md)."""
+    largest single gain measured on MiniLM at 25 %: see benchmarks/RESULTS.md). Returns what trained, per
+    FFN (MoEfier.fit keeps it as heal_state_); `moe` is only read."""
     states = []
-    ffn_lr = layer_ffn_lr(moe)
     generator = torch.Generator().manual_seed(moe.seed)
     for i, x in enumerate(samples):
         layer = moe.build_layer(model, i, permuted=False)
         target = dense_outputs(layer, x)
         if layer.lora_a is not None:
-            with torch.no_grad():
-                layer.lora_b.zero_()
-                missed = target - torch.cat([layer(x[j : j + 4096]) for j in range(0, x.shape[0], 4096)])
-                a, b = reduced_rank_regression(x, missed, layer.lora_a.shape[0])
-                layer.lora_a.copy_(a)
-                layer.lora_b.copy_(b)
-        params = trainable_parameters(layer, moe.heal_biases, ffn_lr > 0)
-
-        def sample_loss(layer: MoEFFN = layer, x: torch.Tensor = x, target: torch.Tensor = target) -> float:
-            with torch.no_grad():
-                return sum(float((layer(x[j : j + 4096]) - target[j : j + 4096]).square().sum())
-                           for j in range(0, x.shape[0], 4096)) / x.shape[0]
-
+            fit_lora(layer, x, target)
+        params = trainable_parameters(layer, moe.heal_biases, moe.layer_heal_ffn_lr > 0)
         budget = threshold_budgets([layer])[0]
         if moe.layer_heal_epochs:
-            optimizer, _ = optimizer_for([layer], moe, weights=False)
-            if ffn_lr > 0:
-                optimizer.add_param_group({"params": [layer.first_weight, layer.down_t], "lr": ffn_lr})
-                layer.first_weight.requires_grad_(True)
-                layer.down_t.requires_grad_(True)
-            best, best_state = sample_loss(), {k: p.detach().clone() for k, p in params.items()}
-            with torch_threads(1):  # small per-expert matmuls: a second thread mostly waits on a busy machine
-                for _ in range(moe.layer_heal_epochs):
-                    for idx in torch.randperm(x.shape[0], generator=generator).split(512):
-                        loss = (layer(x[idx]) - target[idx]).square().sum(-1).mean()
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                    current = sample_loss()
-                    if current < best:  # keep the best epoch (the start included): training never makes it worse
-                        best, best_state = current, {k: p.detach().clone() for k, p in params.items()}
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(best_state[k])
-            for p in params.values():
-                p.requires_grad_(False)
+            train_layer(moe, layer, params, x, target, generator)
         if budget is not None:
             budget.detach()
             with torch.no_grad():  # the trained router's threshold for an average of top_k on the whole sample
@@ -255,97 +264,117 @@ def heal_layers(moe: Any, model: nn.Module, samples: list[torch.Tensor]) -> list
     return states
 
 
-def heal(moe: Any, model: nn.Module, tokenizer: Any, data: CalibrationData) -> dict[str, Any]:
-    """Distil the MoE layers of `moe` (an MoEfier with partitions and routers) on `data`. The trained
-    parameters (see `trainable_parameters`) go to moe.heal_state_ and are loaded over moe.routers_ when
-    layers are built (so the unhealed model stays available). `model` is the dense model in its
-    original neuron order; it is left unchanged.
+class DenseTeacher:
+    """The original dense model's outputs on a calibration batch, for the student (the model with MoE layers).
+
+    The MoE layers are swapped out for each call: trainable biases and compensation live in the MoE layers,
+    so their dense mode is no longer the dense model. Encoders' outputs of every batch are kept (float16)
+    when the batches are seen more than once and all of them fit in TEACHER_CACHE_BYTES (decoders' logits
+    never do)."""
+
+    def __init__(self, model: nn.Module, installed: list[tuple[Any, MoEFFN, dict[str, nn.Module]]], causal: bool,
+                 hidden: bool, batches: list[dict[str, torch.Tensor]], steps: int):
+        self.model, self.installed, self.causal, self.hidden = model, installed, causal, hidden
+        self.cache: dict[int, dict[str, Any]] | None = {} if not causal and steps > len(batches) else None
+        self.positions = sum(int(b["attention_mask"].numel()) for b in batches)
+
+    def outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        for _, _, originals in reversed(self.installed):
+            restore(self.model, originals)
+        try:
+            return teacher_outputs(self.model, inputs, self.causal, self.hidden)
+        finally:
+            for j, (ffn, layer, _) in enumerate(self.installed):
+                self.installed[j] = (ffn, layer, install_moe(self.model, ffn, layer))
+
+    def __call__(self, index: int, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The teacher's outputs on batch `index` (whose tensors are `inputs`), from the cache when kept."""
+        if self.cache is None:
+            return self.outputs(inputs)
+        if index not in self.cache:
+            out = self.outputs(inputs)
+            kept = [out["last"], *(out["hidden"] or ())]
+            if self.positions * 2 * sum(t.shape[-1] for t in kept) > TEACHER_CACHE_BYTES:
+                self.cache = None
+                return out
+            self.cache[index] = {"last": kept[0].half(), "hidden": tuple(t.half() for t in kept[1:]) or None}
+        return self.cache[index]
+
+
+@contextmanager
+def installed_layers(moe: Any, model: nn.Module) -> Iterator[list[tuple[Any, MoEFFN, dict[str, nn.Module]]]]:
+    """`model` with the unhealed-or-layer-healed MoE layers of `moe` installed: (ffn, layer, originals) per
+    FFN, the originals put back after the block."""
+    installed: list[tuple[Any, MoEFFN, dict[str, nn.Module]]] = []
+    try:
+        for i, ffn in enumerate(moe.ffns_):
+            layer = moe.build_layer(model, i, permuted=False)
+            installed.append((ffn, layer, install_moe(model, ffn, layer)))
+        yield installed
+    finally:
+        for _, _, originals in reversed(installed):
+            restore(model, originals)
+
+
+def distil(moe: Any, model: nn.Module, layers: list[MoEFFN], batches: list[dict[str, torch.Tensor]],
+           teacher: DenseTeacher, causal: bool) -> list[float]:
+    """`heal_steps` Adam steps on the distillation loss (rates cosine-decayed to a tenth); the losses."""
+    optimizer, _ = optimizer_for(layers, moe)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to a tenth of every group's rate
+        optimizer, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, moe.heal_steps) / max(1, moe.heal_steps))))
+    losses: list[float] = []
+    with progress_bar(moe.heal_steps, "heal", "step", enabled=moe.progress) as bar:
+        for step in range(moe.heal_steps):
+            inputs = batches[step % len(batches)]
+            loss = distillation_loss(model, inputs, causal, teacher=teacher(step % len(batches), inputs),
+                                     hidden_weight=moe.heal_hidden)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
+    return losses
+
+
+def heal(moe: Any, model: nn.Module, tokenizer: Any, data: CalibrationData
+         ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Distil the MoE layers of `moe` (an MoEfier with partitions and routers, and the layer-wise healing
+    state, if any, in heal_state_) on `data`. Returns (states, log): per FFN what trained (see
+    `trainable_parameters`), which `build_layer` loads over the unhealed routers (so the unhealed model stays
+    available; MoEfier.fit keeps it as heal_state_), and the losses and timings. `moe` is only read; `model`,
+    the dense model in its original neuron order, is left as it was (`frozen`).
 
     Adam at `heal_lr`, cosine-decayed to a tenth over `heal_steps`, on batches of `heal_batch_size`
     sequences from the first `heal_tokens` calibration tokens (cycled)."""
     if moe.router == "oracle":
-        return {"steps": 0, "note": "the oracle router has nothing to heal"}
+        return [dict(state) for state in moe.heal_state_], {"steps": 0, "note": "the oracle router has nothing to heal"}
     causal = is_causal_lm(model)
-    hidden = moe.heal_hidden > 0
-    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    installed: list[tuple[Any, MoEFFN, dict[str, nn.Module]]] = []
     started, cpu = time.perf_counter(), time.process_time()
-    losses: list[float] = []
-    budgets: list[ThresholdBudget | None] = []  # threshold routing: the budget kept while routers train
-
-    def dense_teacher(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The original model's outputs: the MoE layers are swapped out for the call (trainable biases and
-        compensation live in the MoE layers, so their dense mode is no longer the dense model)."""
-        for _, _, originals in reversed(installed):
-            restore(model, originals)
-        try:
-            return teacher_outputs(model, inputs, causal, hidden)
-        finally:
-            for j, (ffn, layer, _) in enumerate(installed):
-                installed[j] = (ffn, layer, install_moe(model, ffn, layer))
-
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for i, ffn in enumerate(moe.ffns_):
-            layer = moe.build_layer(model, i, permuted=False)
-            installed.append((ffn, layer, install_moe(model, ffn, layer)))
+    with frozen(model), installed_layers(moe, model) as installed:
         layers = [layer for _, layer, _ in installed]
-        budgets = threshold_budgets(layers)
-        optimizer, _ = optimizer_for(layers, moe)
-        schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to a tenth of every group's rate
-            optimizer, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, moe.heal_steps) / max(1, moe.heal_steps))))
-        batches = [b.inputs for b in token_batches(tokenizer, data, max_length=moe.max_length,
-                                                     batch_size=moe.heal_batch_size, pack=causal,
-                                                     max_tokens=moe.heal_tokens or moe.max_tokens)]
-        if not batches:
-            raise DataError("healing: the calibration data gave no token batches")
-        # encoders: the teacher's outputs of every batch are kept (float16) when the batches are seen more
-        # than once and all of them fit in TEACHER_CACHE_BYTES (decoders' logits never do)
-        cache: dict[int, dict[str, Any]] | None = {} if not causal and moe.heal_steps > len(batches) else None
-        positions = sum(int(b["attention_mask"].numel()) for b in batches)
-        model.eval()  # no dropout: the student must match the deterministic teacher
-        with progress_bar(moe.heal_steps, "heal", "step", enabled=moe.progress) as bar:
-            for step in range(moe.heal_steps):
-                inputs = batches[step % len(batches)]
-                if cache is None:
-                    teacher = dense_teacher(inputs)
-                else:
-                    out = None
-                    if step % len(batches) not in cache:
-                        out = dense_teacher(inputs)
-                        kept = [out["last"], *(out["hidden"] or ())]
-                        per_position = 2 * sum(t.shape[-1] for t in kept)
-                        if positions * per_position > TEACHER_CACHE_BYTES:
-                            cache = None
-                        else:
-                            cache[step % len(batches)] = {"last": kept[0].half(),
-                                                          "hidden": tuple(t.half() for t in kept[1:]) or None}
-                    teacher = out if cache is None else cache[step % len(batches)]
-                loss = distillation_loss(model, inputs, causal, teacher=teacher, hidden_weight=moe.heal_hidden)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                bar.update(1)
-        for i, layer in enumerate(layers):
-            # kept apart from moe.routers_ (the unhealed routers), loaded on top of them by build_layer
-            trained = trainable_parameters(layer, moe.heal_biases, moe.heal_ffn_lr > 0 or layer_ffn_lr(moe) > 0)
-            moe.heal_state_[i] = {k: p.detach().clone() for k, p in trained.items()}
-            if budgets[i] is not None:  # the healed router's threshold; moe.thresholds_ stay the unhealed ones
-                moe.heal_state_[i][HEALED_THRESHOLD] = torch.tensor(budgets[i].detach(), dtype=torch.float32)
-                budgets[i] = None
-    finally:
-        for budget in budgets:
-            if budget is not None:
-                budget.detach()
-        for _, _, originals in reversed(installed):
-            restore(model, originals)
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen[name])
-    return {
+        budgets = threshold_budgets(layers)  # threshold routing: the budget kept while routers train
+        try:
+            batches = [b.inputs for b in token_batches(tokenizer, data, max_length=moe.max_length,
+                                                         batch_size=moe.heal_batch_size, pack=causal,
+                                                         max_tokens=moe.heal_tokens or moe.max_tokens)]
+            if not batches:
+                raise DataError("healing: the calibration data gave no token batches")
+            teacher = DenseTeacher(model, installed, causal, moe.heal_hidden > 0, batches, moe.heal_steps)
+            losses = distil(moe, model, layers, batches, teacher, causal)
+            weights = moe.heal_ffn_lr > 0 or moe.layer_heal_ffn_lr > 0
+            states = []
+            for layer, budget in zip(layers, budgets):
+                trained = trainable_parameters(layer, moe.heal_biases, weights)
+                states.append({k: p.detach().clone() for k, p in trained.items()})
+                if budget is not None:  # the healed router's threshold; moe.thresholds_ stay the unhealed ones
+                    states[-1][HEALED_THRESHOLD] = torch.tensor(budget.threshold(), dtype=torch.float32)
+        finally:
+            for budget in budgets:
+                if budget is not None:
+                    budget.detach()
+    return states, {
         "steps": len(losses),
         "seconds": round(time.perf_counter() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu, 1),  # this process's CPU time (the machine is shared)

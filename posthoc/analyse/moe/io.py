@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from posthoc.analyse.moe.layers import MLPRouter, make_router
 from posthoc.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, copy_side_files, open_checkpoint
 from posthoc.ffn import FFN
 from posthoc.modules.format import MODULE_FILE, BaseRef, Manifest, ModuleError, fingerprint, read_manifest
@@ -120,8 +121,6 @@ def structure(moe: Any) -> dict[str, Any]:
 
 
 def _router_shape(router: torch.nn.Module) -> dict[str, Any]:
-    from posthoc.analyse.moe.layers import MLPRouter
-
     if isinstance(router, MLPRouter):
         return {"class": "MLPRouter", "hidden": router.first.out_features}
     return {"class": type(router).__name__}
@@ -216,8 +215,6 @@ def read_output(cls: Any, directory: Path) -> Any:
     moe.recall_ = [layer.get("recall", {}) for layer in layers]
     moe.routers_ = []
     moe.heal_state_ = []
-    from posthoc.analyse.moe.layers import make_router
-
     d = int(tensors["0.router.centroid.weight"].shape[1])
     for i, layer in enumerate(layers):
         routers = {}
@@ -234,6 +231,7 @@ def read_output(cls: Any, directory: Path) -> Any:
     moe.calibration_ = info.get("calibration")
     moe.timings_ = info.get("timings", {})
     moe.model_type_ = info.get("model_type")
+    moe.heal_log_ = info.get("healing")
     moe.source_ = None
     moe.manifest_ = manifest
     moe.info_ = info

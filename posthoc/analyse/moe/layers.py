@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from posthoc.errors import ConfigError
-from posthoc.ffn import FFN, FFNWeights, get_module
+from posthoc.ffn import FFN, FFNWeights, get_module, neuron_scores
 
 ROUTERS = ("centroid", "mlp", "gate", "oracle")
 ROUTINGS = ("topk", "threshold")
@@ -142,21 +142,7 @@ class MoEFFN(nn.Module):
         # FFNs, up rows otherwise, so every expert's first matrix is one contiguous slice of rows
         # [first_start[e], first_start[e+1]) and each expert costs two plain matmuls.
         blocks = [(0, shared)] + [(self.offsets[e], self.offsets[e + 1]) for e in range(self.experts)]
-        if self.glu:
-            if self.gated:  # [all gate rows | all up rows]: the router reads every gate, experts slice the up rows
-                rows = torch.arange(2 * self.d_ff)
-            else:
-                rows = torch.cat([torch.arange(lo, hi) + j * self.d_ff for lo, hi in blocks for j in (0, 1)])
-            stacked_w = torch.cat([weights.gate, weights.up], 0)
-            zeros = torch.zeros(self.d_ff)
-            has_bias = weights.gate_bias is not None or weights.up_bias is not None
-            stacked_b = torch.cat([
-                weights.gate_bias if weights.gate_bias is not None else zeros,
-                weights.up_bias if weights.up_bias is not None else zeros,
-            ]) if has_bias else None
-        else:
-            rows = torch.arange(self.d_ff)
-            stacked_w, stacked_b = weights.up, weights.up_bias
+        rows, stacked_w, stacked_b = self._first_matrix(weights, blocks)
         self.first_weight = nn.Parameter(stacked_w[rows].contiguous(), requires_grad=False)
         self.first_bias = None if stacked_b is None else nn.Parameter(stacked_b[rows].contiguous(), requires_grad=False)
         # where neuron i's gate and up rows sit in first_weight (for computing every neuron at once)
@@ -178,6 +164,23 @@ class MoEFFN(nn.Module):
         self.dense = False  # True: compute every neuron (the dense FFN), for teachers and checks
         self.masked = False  # gate router only: the chosen experts' function computed densely (evaluation)
         self.seen = [0, 0]  # tokens routed, (token, expert) pairs computed: the measured experts per token
+
+    def _first_matrix(self, weights: FFNWeights, blocks: list[tuple[int, int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rows, stacked weight, stacked bias): first_weight is stacked[rows] (see __init__)."""
+        if not self.glu:
+            return torch.arange(self.d_ff), weights.up, weights.up_bias
+        if self.gated:  # [all gate rows | all up rows]: the router reads every gate, experts slice the up rows
+            rows = torch.arange(2 * self.d_ff)
+        else:
+            rows = torch.cat([torch.arange(lo, hi) + j * self.d_ff for lo, hi in blocks for j in (0, 1)])
+        stacked_w = torch.cat([weights.gate, weights.up], 0)
+        if weights.gate_bias is None and weights.up_bias is None:
+            return rows, stacked_w, None
+        zeros = torch.zeros(self.d_ff)
+        stacked_b = torch.cat([weights.gate_bias if weights.gate_bias is not None else zeros,
+                               weights.up_bias if weights.up_bias is not None else zeros])
+        return rows, stacked_w, stacked_b
 
     # ------------------------------------------------------------------------------------ settings
 
@@ -220,8 +223,6 @@ class MoEFFN(nn.Module):
 
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Activation mass per routed expert (T, E) from all neurons' activations (T, d_ff)."""
-        from posthoc.ffn import neuron_scores
-
         s = neuron_scores(h[:, self.shared :], self.down_t[self.shared :].norm(dim=1), self.score)
         index = torch.repeat_interleave(torch.arange(self.experts, device=h.device), torch.tensor(self.sizes))
         return torch.zeros(h.shape[0], self.experts, dtype=s.dtype).index_add_(1, index, s)

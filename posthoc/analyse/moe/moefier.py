@@ -34,8 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from posthoc.analyse.activations import ActiveCounts, CoActivation, InputSample, Moments, collect
+from posthoc.analyse.activations import Activations, ActiveCounts, CoActivation, InputSample, Moments, collect
+from posthoc.analyse.base import Analyser, frozen
 from posthoc.analyse.calibration import CalibrationData
+from posthoc.analyse.moe.heal import heal, heal_layers
+from posthoc.analyse.moe.io import read_output, write_output
 from posthoc.analyse.moe.layers import (
     HEALED_THRESHOLD,
     ROUTERS,
@@ -52,15 +55,16 @@ from posthoc.analyse.moe.partition import PARTITIONS, expert_sizes, order_from_l
 from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
+from posthoc.models import load_model
 from posthoc.modules.format import ModuleError
 from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
 PARAMS = ParamTable("MoEfier", [
-    Param("experts", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Routed experts per FFN."),
+    Param("experts", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Routed experts per FFN.", int),
     Param("top_k", 4, "an int in [1, experts]", lambda v, p: is_int(v) and 1 <= v <= p.get("experts", 16),
-          "Experts computed per token (the average, with threshold routing or per-layer budgets)."),
+          "Experts computed per token (the average, with threshold routing or per-layer budgets).", int),
     choice("partition", "kmeans", PARTITIONS, "How neurons are grouped into experts."),
     choice("router", "mlp", ROUTERS, "Router used at run time: gate (GLU FFNs only, no training) scores experts from "
            "the FFN's own gate activations, computed for every neuron and reused; oracle computes every neuron "
@@ -70,61 +74,61 @@ PARAMS = ParamTable("MoEfier", [
            "with a mask (evaluation of very fine experts, e.g. one neuron each: no speed-up)."),
     Param("gate_up_scale", False, "a bool", lambda v, p: isinstance(v, bool),
           "Gate router: weight each neuron's |gate| by the calibration RMS of its up projection too (estimates "
-          "|h| rather than |act(gate)|)."),
+          "|h| rather than |act(gate)|).", bool),
     Param("shared", 0.0, "a number in [0, 1)", lambda v, p: is_number(v) and 0 <= v < 1,
-          "Fraction of neurons in an always-on shared expert (the most often active ones)."),
+          "Fraction of neurons in an always-on shared expert (the most often active ones).", float),
     choice("score", "magnitude", SCORES, "Neuron activation score: |h| or output-aware |h|·‖W_down column‖."),
     choice("routing", "topk", ROUTINGS, "topk: k experts per token; threshold: a variable number at the same average."),
     choice("layer_budget", "uniform", ("uniform", "greedy"),
            "greedy: more experts where the measured output error (relative to the layer's output) is largest, same total."),
     Param("compensation", False, "a bool", lambda v, p: isinstance(v, bool),
-          "Add the calibration-mean output of skipped experts (FLAP-style bias)."),
+          "Add the calibration-mean output of skipped experts (FLAP-style bias).", bool),
     Param("lora_rank", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
           "Rank of a linear term parallel to each MoE FFN that predicts what the skipped experts add: fitted "
-          "by reduced-rank regression on the calibration inputs, refined by healing (0: none)."),
+          "by reduced-rank regression on the calibration inputs, refined by healing (0: none).", int),
     Param("layer_heal_epochs", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
           "Epochs of layer-wise distillation (FFN output MSE on the cached calibration inputs) of routers, "
-          "expert scales and LoRA: cheap, no backpropagation through the model."),
+          "expert scales and LoRA: cheap, no backpropagation through the model.", int),
     Param("layer_heal_ffn_lr", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
           "Rate for the experts' own matrices in the layer-wise phase (0: frozen there); 1e-3 measured on "
-          "MiniLM (the largest single healing gain found there)."),
+          "MiniLM (the largest single healing gain found there).", float),
     Param("heal_steps", 0, "an int >= 0", lambda v, p: is_int(v) and v >= 0,
-          "Steps of whole-model distillation of routers, expert scales (and LoRA) towards the dense model."),
+          "Steps of whole-model distillation of routers, expert scales (and LoRA) towards the dense model.", int),
     Param("heal_lr", 1e-4, "a number > 0", lambda v, p: is_number(v) and v > 0,
           "Healing rate of routers, expert scales, compensation, LoRA and biases, in the layer-wise phase and "
           "the whole-model steps (there cosine-decayed to a tenth). Measured on MiniLM: 3e-5…3e-4 "
-          "within 0.003 of cosine, 1e-3 −0.015, 3e-3 −0.027 (Adam's first steps shake the model), 1e-2 diverges."),
-    Param("heal_batch_size", 8, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per healing step."),
+          "within 0.003 of cosine, 1e-3 −0.015, 3e-3 −0.027 (Adam's first steps shake the model), 1e-2 diverges.", float),
+    Param("heal_batch_size", 8, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per healing step.", int),
     Param("heal_tokens", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1),
-          "Calibration tokens the healing steps cycle through (default: max_tokens)."),
+          "Calibration tokens the healing steps cycle through (default: max_tokens).", int),
     Param("heal_hidden", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
           "Weight of every layer's hidden-state error (relative squared error to the dense model's) in the "
-          "healing loss, added to the output loss (0: output loss only)."),
+          "healing loss, added to the output loss (0: output loss only).", float),
     Param("heal_biases", False, "a bool", lambda v, p: isinstance(v, bool),
           "Healing also trains the FFN biases of the MoE layers (stored with the healing state; the dense "
-          "checkpoint is unchanged)."),
+          "checkpoint is unchanged).", bool),
     Param("heal_ffn_lr", 0.0, "a number >= 0", lambda v, p: is_number(v) and v >= 0,
           "Learning rate of the experts' own matrices during healing (0: frozen; e.g. 1e-4 trains them, and the "
-          "healing state then holds a copy of every FFN's weights; the dense checkpoint is unchanged)."),
+          "healing state then holds a copy of every FFN's weights; the dense checkpoint is unchanged).", float),
     Param("max_tokens", 50_000, "an int >= 1", lambda v, p: is_int(v) and v >= 1,
-          "Calibration tokens streamed through the model."),
+          "Calibration tokens streamed through the model.", int),
     Param("router_tokens", 20_000, "an int >= 64", lambda v, p: is_int(v) and v >= 64,
-          "FFN inputs sampled per layer to train and check routers."),
-    Param("router_epochs", 30, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "MLP router epochs."),
+          "FFN inputs sampled per layer to train and check routers.", int),
+    Param("router_epochs", 30, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "MLP router epochs.", int),
     Param("router_hidden", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1),
-          "MLP router hidden width (None: the number of experts, as MoEfication)."),
+          "MLP router hidden width (None: the number of experts, as MoEfication).", int),
     Param("coactivation_fraction", 0.1, "a number in (0, 1]", lambda v, p: is_number(v) and 0 < v <= 1,
-          "A neuron is active on a token when among the token's top fraction of scores."),
+          "A neuron is active on a token when among the token's top fraction of scores.", float),
     choice("kmeans_rows", "gate", ("gate", "up", "both"), "GLU FFNs: which first-matrix rows k-means and the centroid router use."),
-    Param("max_length", 128, "an int >= 8", lambda v, p: is_int(v) and v >= 8, "Tokens per calibration sequence."),
-    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per forward pass."),
-    Param("seed", 0, "an int", lambda v, p: is_int(v), "Seed of partitions, samples and training."),
+    Param("max_length", 128, "an int >= 8", lambda v, p: is_int(v) and v >= 8, "Tokens per calibration sequence.", int),
+    Param("batch_size", 16, "an int >= 1", lambda v, p: is_int(v) and v >= 1, "Sequences per forward pass.", int),
+    Param("seed", 0, "an int", lambda v, p: is_int(v), "Seed of partitions, samples and training.", int),
     Param("ffn_modules", None, "None or 'up=P,down=P[,gate=P][,act=NAME]'",
           lambda v, p: v is None or isinstance(v, (str, dict)),
           "FFN modules of models posthoc does not know: 'up=PATH,down=PATH[,gate=PATH][,act=NAME]', * standing "
-          "for the layer number (e.g. up=model.decoder.layers.*.fc1,down=model.decoder.layers.*.fc2,act=relu)."),
-    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars."),
-    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads."),
+          "for the layer number (e.g. up=model.decoder.layers.*.fc1,down=model.decoder.layers.*.fc2,act=relu).", str),
+    Param("progress", True, "a bool", lambda v, p: isinstance(v, bool), "Show progress bars.", bool, cli=False),
+    Param("threads", None, "None or an int >= 1", lambda v, p: v is None or (is_int(v) and v >= 1), "torch threads.", int),
 ])
 
 
@@ -132,38 +136,30 @@ class MoEError(ModuleError):
     """An MoE-fication output is missing, malformed, or from another posthoc version."""
 
 
-class MoEfier:
-    """Split every FFN of a trained dense transformer into experts with routers (estimator contract).
+class MoEfier(Analyser, params=PARAMS):
+    """Split every FFN of a trained dense transformer into experts with routers (the analyser contract of
+    `posthoc.analyse.base`: parameters in PARAMS, learned state in attributes ending in `_`).
 
     Learned attributes (after `fit`): ffns_, orders_ (per FFN: new position j holds original neuron
     orders_[l][j]), sizes_ (routed expert sizes), shared_ (always-on neurons, first in the order),
     routers_ ({"centroid": module, "mlp": module}), top_k_ and thresholds_ (per FFN), compensation_
-    ((E, d) per FFN or None), heal_state_ (expert scales, LoRA), recall_ (router recall of the oracle's
-    mass per FFN and router), tokens_, timings_, source_ (checkpoint directory, when fitted from one).
+    ((E, d) per FFN or None), heal_state_ (per FFN, what healing trained: expert scales, LoRA, …; {} when
+    not healed), heal_log_ (the whole-model healing's losses and timings, or None), recall_ (router recall
+    of the oracle's mass per FFN and router), router_curves_, layer_errors_ (greedy budgets), speed_inputs_
+    (real inputs of the first FFN, for speed measurements; not saved), tokens_, calibration_, timings_,
+    model_type_, source_ (checkpoint directory, when fitted from one). `load` adds ffn_specs_, manifest_, info_.
     """
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(PARAMS.params))
-        if unknown:
-            raise ConfigError(f"MoEfier has no parameter {unknown[0]!r}; parameters: {', '.join(PARAMS.params)}")
-        self.params = {**PARAMS.defaults(), **params}
-        for name, value in self.params.items():
-            setattr(self, name, value)
-
-    def get_params(self) -> dict[str, Any]:
-        return dict(self.params)
 
     # ------------------------------------------------------------------------------------------ fit
 
-    def fit(self, model: Any, data: Any, *, tokenizer: Any = None, activations: Any = None) -> MoEfier:
+    def fit(self, model: Any, data: Any, *, tokenizer: Any = None, activations: Activations | None = None) -> MoEfier:
         """Learn partitions and routers. model: a checkpoint spec (directory, GGUF, hub id) or a loaded
-        transformers model (then pass `tokenizer`); data: calibration texts (see `load_calibration`).
+        transformers model (then pass `tokenizer`; it is left as it was); data: calibration texts (see
+        `load_calibration`).
 
         activations: statistics already collected on `data` (`collect(..., self.statistics())` or a
         superset): several MoEfiers with different settings then share one pass over the text."""
-        from posthoc.models import load_model
-
-        PARAMS.validate(self.params)
+        self.validate_params()
         started = time.perf_counter()
         self.source_ = None
         if isinstance(model, (str, os.PathLike)):
@@ -176,7 +172,7 @@ class MoEfier:
         self.ffns_ = find_ffns(model, self.ffn_modules)
         self._check_shapes(model)
         timings: dict[str, float] = {}
-        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+        with frozen(model), torch_threads(self.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             t0 = time.perf_counter()
             acts = self._collect(model, tokenizer, data) if activations is None else self._check_activations(activations)
@@ -184,17 +180,13 @@ class MoEfier:
             t0 = time.perf_counter()
             self._fit_layers(model, acts)
             timings["partition_and_routers"] = time.perf_counter() - t0
-            if getattr(self, "layer_heal_seconds_", None):
+            if self.layer_heal_seconds_:
                 timings["layer_heal"] = self.layer_heal_seconds_
                 timings["layer_heal_cpu"] = self.layer_heal_cpu_seconds_
-            if self.heal_state_ is None:
-                self.heal_state_ = [{} for _ in self.ffns_]
             self.heal_log_ = None
             if self.heal_steps > 0 and self.router != "oracle":
-                from posthoc.analyse.moe.heal import heal
-
                 t0 = time.perf_counter()
-                self.heal_log_ = heal(self, model, tokenizer, data)
+                self.heal_state_, self.heal_log_ = heal(self, model, tokenizer, data)
                 timings["heal"] = time.perf_counter() - t0
         self.tokens_ = acts.tokens
         self.calibration_ = data.name
@@ -252,10 +244,10 @@ class MoEfier:
     def _fit_layers(self, model: nn.Module, acts) -> None:
         n_layers = len(self.ffns_)
         self.top_k_, self.thresholds_ = [self.top_k] * n_layers, [None] * n_layers
-        self.compensation_, self.heal_state_ = None, None
+        self.compensation_, self.heal_state_ = None, [{} for _ in self.ffns_]
         self.layer_heal_seconds_ = self.layer_heal_cpu_seconds_ = None
         self.orders_, self.sizes_, self.shared_, self.routers_ = [], [], [], []
-        self.recall_, self.router_curves_ = [], []
+        self.recall_, self.router_curves_, self.layer_errors_ = [], [], None
         samples: list[torch.Tensor] = []
         for ffn in self.ffns_:
             w = ffn_weights(model, ffn)
@@ -292,8 +284,6 @@ class MoEfier:
             self.router_curves_.append(curve)
         self._fit_budgets(model, samples)
         if (self.lora_rank or self.layer_heal_epochs) and self.router != "oracle":
-            from posthoc.analyse.moe.heal import heal_layers
-
             t0, cpu = time.perf_counter(), time.process_time()
             self.heal_state_ = heal_layers(self, model, samples)
             self.layer_heal_seconds_ = time.perf_counter() - t0
@@ -403,21 +393,20 @@ class MoEfier:
         if kind != "oracle" and kind not in self.routers_[i]:
             raise ConfigError(f"router {kind!r} was not trained; available: {', '.join([*self.routers_[i], 'oracle'])}")
         module = None if kind == "oracle" else copy.deepcopy(self.routers_[i][kind])
-        k = top_k if top_k is not None else getattr(self, "top_k_", [self.top_k] * len(self.ffns_))[i]
+        k = top_k if top_k is not None else self.top_k_[i]
         if not 1 <= k <= len(self.sizes_[i]):
             raise ConfigError(
                 f"The 'top_k' parameter must be an int in [1, experts={len(self.sizes_[i])}]. Got {k} instead."
             )
-        threshold = getattr(self, "thresholds_", [None] * len(self.ffns_))[i]
+        threshold = self.thresholds_[i]
         routing = self.routing if (threshold is not None and top_k is None) else "topk"
         layer = MoEFFN(w, self.sizes_[i], self.shared_[i], module, top_k=k, routing=routing, threshold=threshold,
                        score=self.score, lora_rank=self.lora_rank)
         layer.masked = layer.gated and self.kernel == "masked"
-        comp = getattr(self, "compensation_", None)
-        if comp is not None:
-            layer.compensation.copy_(comp[i])
+        if self.compensation_ is not None:
+            layer.compensation.copy_(self.compensation_[i])
             layer.use_compensation = True
-        state = dict((getattr(self, "heal_state_", None) or [{}] * (i + 1))[i]) if healed else {}
+        state = dict(self.heal_state_[i]) if healed else {}
         healed_threshold = state.pop(HEALED_THRESHOLD, None)
         if state:
             layer.load_state_dict(state, strict=False)
@@ -446,8 +435,8 @@ class MoEfier:
         return model
 
     def is_healed(self) -> bool:
-        """Whether healing (layer-wise or whole-model) trained anything that the layers load."""
-        return any(any(k != HEALED_THRESHOLD for k in state) for state in (getattr(self, "heal_state_", None) or []))
+        """Whether healing (layer-wise or whole-model) trained anything that the layers load (False unfitted)."""
+        return any(any(k != HEALED_THRESHOLD for k in state) for state in getattr(self, "heal_state_", []))
 
     def _resolve_ffns(self, model: nn.Module) -> None:
         """After `load`, find the FFNs in the model and check they are the ones the output describes."""
@@ -469,8 +458,6 @@ class MoEfier:
         """Write OUT_DIR: the base checkpoint with FFN neurons in expert order (transformers loads it as
         the same dense model), `experts.safetensors` + `experts.json` (partition, routers, budgets),
         `module.json` (a posthoc module of kind "experts") and the report, atomically."""
-        from posthoc.analyse.moe.io import write_output
-
         base = base or self.source_
         if base is None:
             raise ConfigError("MoEfier.save: the model was given in memory; pass base= the checkpoint it was loaded from")
@@ -478,8 +465,7 @@ class MoEfier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MoEfier:
-        from posthoc.analyse.moe.io import read_output
-
+        """The fitted MoEfier of an output directory (`save`), ready for `apply`."""
         return read_output(cls, Path(directory))
 
 

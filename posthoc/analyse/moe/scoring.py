@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from posthoc.analyse.activations import edit_neurons
 from posthoc.analyse.calibration import CalibrationData, is_causal_lm
 from posthoc.analyse.evaluate import mean_cosine, perplexity, sentence_embeddings
 from posthoc.analyse.moe.layers import MoEFFN, install_moe, moe_layers, restore
+from posthoc.ffn import find_ffns, neuron_scores
+from posthoc.finetune import linear_probe
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -70,8 +73,6 @@ class Scorer:
             self._reference = self._embed(self.held_out.texts)
             self.dense = {"cosine": 1.0}
             if self.probe_data is not None and self.probe_data.labels is not None and self.held_out.labels is not None:
-                from posthoc.finetune import linear_probe
-
                 train = self._embed(self.probe_data.texts)
                 self._probe = linear_probe(train, self.probe_data.labels, self.probe_data.label_names)
                 self.dense["probe_accuracy"] = self._probe.accuracy(self._reference, self.held_out.labels)
@@ -108,9 +109,6 @@ class Scorer:
 def per_neuron_oracle(model: nn.Module, fraction: float, *, score: str = "output") -> Iterator[None]:
     """Every token keeps only its top `fraction` of FFN neurons by score (the bound for any router at that
     budget: no expert granularity, perfect routing). Dense compute: for evaluation only."""
-    from posthoc.analyse.activations import edit_neurons
-    from posthoc.ffn import find_ffns, neuron_scores
-
     ffns = find_ffns(model)
     norms = {f.index: f.modules(model)[2].weight.detach().float().norm(dim=0) for f in ffns}
 
