@@ -94,7 +94,7 @@ COMMAND_MODULES = {
     "extract": ("extract",),
     "merge": ("merge",),
     "recipe": ("recipe",),
-    "split": ("split", "split_find"),
+    "split": ("split",),
     "stack": ("stack",),
 }
 
