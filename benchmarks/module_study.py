@@ -1,6 +1,8 @@
-"""The real end-to-end proof of modules: all-MiniLM-L6-v2 fine-tuned on BBC News, as modules.
+"""The real end-to-end study of modules: all-MiniLM-L6-v2 fine-tuned on BBC News, as modules.
 
-`run_module_proof(work_dir)` uses the demo's two fine-tunes (made, or reused from the demo's cache in the
+    .venv/bin/python benchmarks/module_study.py --work-dir demo-output   # reuses `posthoc demo`'s fine-tunes
+
+`run_module_study(work_dir)` uses the demo's two fine-tunes (made, or reused from the demo's cache in the
 same work directory) and:
 
 1. extracts fine-tune A as a sparse module (density 0.05 over the whole model, LT-SFT's selection) and as
@@ -13,10 +15,13 @@ same work directory) and:
    and scores both tasks, each with its own head.
 
 Everything is written below `<work_dir>/modules/`; the table is printed and saved as results.json.
+It runs longer than the demo's modules step (more ranks, calibration agreement, delta modules, a PEFT
+load of each LoRA), after the demo's fine-tunes when they are not cached yet.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -28,12 +33,16 @@ from typing import Any
 import torch
 
 from posthoc.data import TextClassificationData
+from posthoc.demo.context import DemoSettings, demo_inputs, embed_tasks
+from posthoc.demo.run import finetune_task
 from posthoc.finetune import ClassificationHead
 from posthoc.models import Encoder
+from posthoc.modules.apply import stack
+from posthoc.modules.extraction import extract
 
 
 @dataclass
-class ProofResult:
+class StudyResult:
     single: list[dict[str, Any]]  # one row per module of fine-tune A
     both: list[dict[str, Any]]  # one row per encoder scored on both tasks
     peft: list[dict[str, Any]]  # PEFT-loaded LoRA vs our stacked checkpoint
@@ -73,7 +82,7 @@ class ProofResult:
         return "\n".join(lines)
 
 
-def run_module_proof(
+def run_module_study(
     work_dir: str | os.PathLike[str] = "demo-output",
     *,
     ranks: Sequence[int] = (8, 32, 128),
@@ -85,16 +94,11 @@ def run_module_proof(
     progress: bool = True,
     fresh: bool = False,
     echo: Callable[[str], Any] | None = print,
-) -> ProofResult:
+) -> StudyResult:
     """Extract, stack, PEFT-compare and score modules of the demo's fine-tunes (see the module docstring).
 
     `work_dir` is the demo's work directory: its cached fine-tunes are reused when they match.
     """
-    from posthoc.demo.context import DemoSettings, _embed_tasks, demo_inputs
-    from posthoc.demo.run import _finetune_cached
-    from posthoc.modules.apply import stack
-    from posthoc.modules.extraction import extract
-
     started = time.perf_counter()
     timings: dict[str, float] = {}
     settings = DemoSettings()
@@ -105,7 +109,7 @@ def run_module_proof(
     a, b = (t.name for t in settings.tasks)
     tuned = {}
     for task in settings.tasks:
-        tuned[task.name], _ = _finetune_cached(work_dir / f"finetune-{task.name}", base_dir, task, tasks[task.name],
+        tuned[task.name], _ = finetune_task(work_dir / f"finetune-{task.name}", base_dir, task, tasks[task.name],
                                                settings, fresh, threads, progress)
     heads = {name: ClassificationHead.load(path) for name, path in tuned.items()}
     tests = {name: s.test for name, s in tasks.items()}
@@ -138,7 +142,7 @@ def run_module_proof(
 
     def embed(key: str, encoder_dir: Path, which: Sequence[str]) -> dict[str, torch.Tensor]:
         if key not in embeddings:
-            embeddings[key] = _embed_tasks(Encoder.load(encoder_dir), {n: tests[n] for n in which}, settings, threads, progress)
+            embeddings[key] = embed_tasks(Encoder.load(encoder_dir), {n: tests[n] for n in which}, settings, threads, progress)
         return embeddings[key]
 
     single = []
@@ -190,7 +194,7 @@ def run_module_proof(
     timings["pairs"] = time.perf_counter() - clock
     timings["total"] = time.perf_counter() - started
 
-    result = ProofResult(single, both, peft_rows, {n: len(t) for n, t in tests.items()}, timings, out)
+    result = StudyResult(single, both, peft_rows, {n: len(t) for n, t in tests.items()}, timings, out)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if echo is not None:
         echo(result.table())
@@ -206,3 +210,21 @@ def _embed_with_peft(base_dir: Path, adapter: Path, data: TextClassificationData
     encoder.model = PeftModel.from_pretrained(encoder.model, adapter).eval()
     return encoder.embed(data.texts, batch_size=settings.eval_batch_size, max_length=settings.finetune.max_length,
                          threads=threads, progress=progress)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="demo-output", help="the demo's work directory (its fine-tunes are reused)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128], help="LoRA ranks of fine-tune A's modules")
+    parser.add_argument("--density", type=float, default=0.05, help="the sparse modules' density")
+    parser.add_argument("--pair-rank", type=int, default=32, help="LoRA rank of the two stacked task modules")
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core this process may use)")
+    parser.add_argument("--fresh", action="store_true", help="retrain the fine-tunes even when cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    run_module_study(args.work_dir, ranks=args.ranks, density=args.density, pair_rank=args.pair_rank,
+                     threads=args.threads, progress=not args.quiet, fresh=args.fresh)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from posthoc.assets import bbc_news_dir
 from posthoc.errors import DataError
 
 
@@ -165,7 +166,5 @@ def load_bbc(data_dir: str | os.PathLike[str] | None = None) -> TextClassificati
     names are the package's folder names. `data_dir` points elsewhere (a copy of the same layout).
     """
     if data_dir is None:
-        from posthoc.assets import bbc_news_dir
-
         data_dir = bbc_news_dir()
     return read_text_folders(data_dir, name="bbc_news")

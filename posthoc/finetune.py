@@ -1,4 +1,4 @@
-"""Fine-tune an encoder on labelled texts, and use encoders: embeddings, task heads, evaluation.
+"""Fine-tune an encoder on labelled texts; task heads, linear probes and evaluation on its embeddings.
 
 Merging needs real fine-tunes of one base; this module makes them. A fine-tune is written as two
 things side by side in one directory:
@@ -10,10 +10,11 @@ things side by side in one directory:
   merged encoder is evaluated on each task with that task's head.
 
 The training loop is deliberately small and general: an *objective* says how to load the model, how to
-turn example indices into a batch, what the loss is and what it saves next to the encoder. Only the
-classification objective exists now; masked- or causal-LM objectives plug in as other `Objective`s. A
-`trainable` predicate selects which encoder tensors train (the others are frozen and written back
-unchanged): the hook that sparse fine-tuning on a parameter subset (LT-SFT) extends to entry masks.
+turn example indices into a batch, what the loss is and what it saves next to the encoder. The
+classification objective is here; the masked-LM, causal-LM and translation-alignment objectives are in
+`posthoc.objectives`. A `trainable` predicate selects which encoder tensors train (the others are frozen
+and written back unchanged), and entry masks narrow it further: sparse fine-tuning (LT-SFT,
+`posthoc.objectives.sparse_finetune`). Models load through `posthoc.models.load_model`.
 
 Training is seeded and single-process: the same seed, data and thread count give the same weights.
 """
@@ -36,7 +37,7 @@ from torch import nn
 from posthoc.checkpoint import check_output_location, open_checkpoint, save_state_dict
 from posthoc.data import TextClassificationData
 from posthoc.errors import CheckpointError, ConfigError, DataError
-from posthoc.models import Encoder, _load_model, mean_pool
+from posthoc.models import Encoder, load_model, mean_pool
 from posthoc.progress import progress_bar
 from posthoc.provenance import stamp
 from posthoc.threads import default_threads, torch_threads
@@ -94,9 +95,6 @@ class FinetuneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------- encoders
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -344,10 +342,11 @@ def finetune(
     `trainable(name)` picks the encoder parameters that train (default: all); the others stay exactly
     as in the base. `masks` (name -> bool tensor of the parameter's shape) narrows training to entries:
     only parameters named in it train, and only where the mask is true (sparse fine-tuning, LT-SFT; see
-    `sparse_finetune`); the other entries keep the base's values exactly. The output holds every tensor of the base checkpoint, same names, shapes and dtypes
-    (buffers the model does not own, such as BERT's `position_ids`, are copied from the base), the base's
-    config and tokenizer files, the objective's files (head) and `posthoc_finetune.json` (settings,
-    losses, a `run_id`, and `extra_record` under "extra": what a caller needs to recognise the run later).
+    `posthoc.objectives.sparse_finetune`); the other entries keep the base's values exactly. The output
+    holds every tensor of the base checkpoint, same names, shapes and dtypes (buffers the model does not
+    own, such as BERT's `position_ids`, are copied from the base), the base's config and tokenizer files,
+    the objective's files (head) and `posthoc_finetune.json` (settings, losses, a `run_id`, and
+    `extra_record` under "extra": what a caller needs to recognise the run later).
     """
     settings = settings or FinetuneSettings()
     base_dir = Path(base_dir)
@@ -358,48 +357,17 @@ def finetune(
     check_output_location(Path(out_dir), [base_dir], force)  # before minutes of training, not after
     with open_checkpoint(base_dir) as base:
         base_infos = dict(base.tensors)
-    model, tokenizer = _load_model(base_dir, objective.auto_class)
+    model, tokenizer, _ = load_model(base_dir, auto_class=objective.auto_class)
 
     with torch_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)  # head initialisation and dropout
         task_module = objective.build(model, tokenizer)
-        encoder_params = []
-        for param_name, param in model.named_parameters():
-            wanted = trainable is None or bool(trainable(param_name))
-            if masks is not None:
-                wanted = wanted and param_name in masks
-                if param_name in masks and tuple(masks[param_name].shape) != tuple(param.shape):
-                    raise ConfigError(
-                        f"mask for {param_name} has shape {list(masks[param_name].shape)}, the parameter {list(param.shape)}"
-                    )
-            param.requires_grad_(wanted)
-            if param.requires_grad:
-                encoder_params.append(param)
+        encoder_params = _trainable_parameters(model, trainable, masks)
         groups = [{"params": encoder_params, "lr": settings.encoder_lr}]
         if list(task_module.parameters()):
             groups.append({"params": list(task_module.parameters()), "lr": settings.head_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-        model.train()
-        task_module.train()
-        losses: list[float] = []
-        schedule = batch_indices(len(objective), settings.steps, settings.batch_size, settings.seed)
-        with progress_bar(len(schedule), f"fine-tune {name or objective.name}", "step", enabled=progress) as bar:
-            for indices in schedule:
-                loss = objective.loss(model, tokenizer, indices, settings.max_length)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if masks is not None:  # sparse fine-tuning: entries outside the mask get no gradient
-                    for param_name, param in model.named_parameters():
-                        if param.grad is not None:
-                            param.grad.mul_(masks[param_name])
-                if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.max_grad_norm)
-                optimizer.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update(1)
-        model.eval()
-        task_module.eval()
+        losses = _train(model, tokenizer, task_module, objective, groups, settings, masks,
+                        f"fine-tune {name or objective.name}", progress)  # fmt: skip
 
     state = _encoder_state(model, base_dir, base_infos)
     seconds = time.perf_counter() - started
@@ -425,6 +393,65 @@ def finetune(
     (out / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("fine-tuned %s in %.1f s: loss %.3f -> %.3f", out, seconds, losses[0], losses[-1])
     return FinetuneResult(out, seconds, losses, settings, record)
+
+
+def _trainable_parameters(
+    model: nn.Module, trainable: Callable[[str], bool] | None, masks: dict[str, torch.Tensor] | None
+) -> list[nn.Parameter]:
+    """Set requires_grad on every encoder parameter (`trainable`, narrowed to those `masks` names) and
+    return those that train; a mask must have its parameter's shape."""
+    chosen = []
+    for param_name, param in model.named_parameters():
+        wanted = trainable is None or bool(trainable(param_name))
+        if masks is not None:
+            wanted = wanted and param_name in masks
+            if param_name in masks and tuple(masks[param_name].shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"mask for {param_name} has shape {list(masks[param_name].shape)}, the parameter {list(param.shape)}"
+                )
+        param.requires_grad_(wanted)
+        if param.requires_grad:
+            chosen.append(param)
+    return chosen
+
+
+def _train(
+    model: nn.Module,
+    tokenizer: Any,
+    task_module: nn.Module,
+    objective: Objective,
+    groups: list[dict[str, Any]],
+    settings: FinetuneSettings,
+    masks: dict[str, torch.Tensor] | None,
+    label: str,
+    progress: bool,
+) -> list[float]:
+    """The training loop: AdamW over `groups` on the seeded batch schedule; the loss of every step.
+
+    Model and task module are left in eval mode."""
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    model.train()
+    task_module.train()
+    losses: list[float] = []
+    schedule = batch_indices(len(objective), settings.steps, settings.batch_size, settings.seed)
+    with progress_bar(len(schedule), label, "step", enabled=progress) as bar:
+        for indices in schedule:
+            loss = objective.loss(model, tokenizer, indices, settings.max_length)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if masks is not None:  # sparse fine-tuning: entries outside the mask get no gradient
+                for param_name, param in model.named_parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(masks[param_name])
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+    model.eval()
+    task_module.eval()
+    return losses
 
 
 def _encoder_state(model: nn.Module, base_dir: Path, base_infos: dict[str, Any]) -> dict[str, torch.Tensor]:

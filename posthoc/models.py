@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from posthoc.checkpoint import open_checkpoint
 from posthoc.errors import CheckpointError
 from posthoc.progress import progress_bar
 from posthoc.threads import torch_threads
@@ -36,9 +37,8 @@ class Encoder:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Encoder:
         """Load with transformers (AutoModel + AutoTokenizer), in float32, in eval mode."""
-        directory = Path(directory)
-        model, tokenizer = _load_model(directory, "AutoModel")
-        return cls(model.eval(), tokenizer, directory)
+        model, tokenizer, _ = load_model(directory, auto_class="AutoModel")
+        return cls(model, tokenizer, Path(directory))
 
     @property
     def hidden_size(self) -> int:
@@ -88,44 +88,29 @@ def embed_texts(encoder_dir: str | os.PathLike[str], texts: Sequence[str], **kwa
     return Encoder.load(encoder_dir).embed(texts, **kwargs)
 
 
-def _load_model(directory: Path, auto_class: str) -> tuple[nn.Module, Any]:
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the useful ones
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(directory, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{directory}: transformers cannot load it ({first})") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model, tokenizer
-
-
-def load_model(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Path]:
+def load_model(
+    spec: str | os.PathLike[str], *, auto_class: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any, Path]:
     """(model, tokenizer, directory) for a checkpoint spec (directory, GGUF file, hub id), in eval mode.
 
-    The class is the checkpoint's `architectures[0]` (BertModel, LlamaForCausalLM …), so a causal LM keeps
-    its LM head; GGUF files are dequantised once into posthoc's cache by `open_checkpoint`.
+    The class is `auto_class` when given (a transformers class name: "AutoModel" for an encoder's hidden
+    states, "AutoModelForCausalLM" …), else the checkpoint's `architectures[0]` (BertModel,
+    LlamaForCausalLM …), so a causal LM keeps its LM head. GGUF files are dequantised once into posthoc's
+    cache by `open_checkpoint`; `directory` is the Hugging Face directory the model was read from.
     """
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from posthoc.checkpoint import open_checkpoint
-
     with open_checkpoint(spec) as ckpt:
         directory, archs = ckpt.directory, ckpt.config.get("architectures") or []
     if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{spec}: no config.json; analysers need a Hugging Face model directory")
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+        raise CheckpointError(f"{spec}: no config.json; expected a Hugging Face model directory")
+    if auto_class is not None:
+        cls = getattr(transformers, auto_class)
+    else:
+        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
     bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the useful ones
     try:
         model = cls.from_pretrained(directory, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)

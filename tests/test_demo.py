@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from tiny_text import make_tiny_bert, synthetic_corpus
 
 import posthoc.demo.run as demo_module
 from posthoc.checkpoint import open_checkpoint
-from posthoc.data import stratified_split
-from posthoc.demo.context import DemoSettings, Task
+from posthoc.data import TextClassificationData, stratified_split
+from posthoc.demo.context import DemoSettings, Task, data_digest, texts_digest
 from posthoc.demo.run import run_demo
 from posthoc.errors import AssetError, ConfigError
 from posthoc.finetune import FinetuneSettings, evaluate, read_record
@@ -156,6 +157,17 @@ def test_demo_settings_are_checked():
         DemoSettings(tasks=(Task("A", ("x", "y")),))
     with pytest.raises(ConfigError, match="ties_density"):
         DemoSettings(ties_density=0.0)
+
+
+def test_digests_key_the_caches_by_the_exact_examples():
+    """The bytes each digest hashes stay as they were, so the caches of earlier runs stay valid."""
+    data = TextClassificationData(("one text", "two"), (1, 0), ("x", "y"))
+    expected = hashlib.sha256(b'["x", "y"]' + b"1\x008\x00one text" + b"0\x003\x00two").hexdigest()[:16]
+    assert data_digest(data) == expected
+    assert texts_digest(data.texts) == hashlib.sha256(b"8\x00one text3\x00two").hexdigest()[:16]
+    with_topics = hashlib.sha256(b"8\x00y\x00one text3\x00x\x00two").hexdigest()[:16]
+    assert texts_digest(data.texts, ["y", "x"]) == with_topics
+    assert data_digest(data.select([1, 0])) != data_digest(data) != texts_digest(data.texts)
 
 
 def test_cli_demo_passes_options_and_reports_errors_in_one_line(monkeypatch, tmp_path):

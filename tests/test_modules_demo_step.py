@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 from tiny_text import make_tiny_bert, synthetic_corpus
 
+import posthoc.demo.modules as demo_modules
 from posthoc.data import stratified_split
 from posthoc.demo.context import DemoContext, DemoSettings, Task
 from posthoc.demo.modules import DENSITY, demo_rank, demo_step
@@ -60,7 +60,7 @@ def test_demo_step_scores_the_stacked_modules_and_reuses_them(context, tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("the cached step extracted again")
 
-    monkeypatch.setattr(importlib.import_module("posthoc.modules.extraction"), "extract", refuse)
+    monkeypatch.setattr(demo_modules, "extract", refuse)
     again = demo_step(context)
     assert again.endswith("(cached)") and again.split("\n\ntime:")[0] == text.split("\n\ntime:")[0]
     with pytest.raises(AssertionError, match="extracted again"):

@@ -245,7 +245,7 @@ def test_bundled_recipes_parse_with_their_reduced_profile(tmp_path):
             assert recipe.steps and all(s.kind in STEP_KINDS for s in recipe.steps)
 
 
-def test_records_hold_settings_and_output_fingerprints(tmp_path):
+def test_records_hold_settings_and_output_stamps(tmp_path):
     recipe = write_recipe(tmp_path, CHAIN)
     run_recipe(recipe, tmp_path / "w")
     record = json.loads((tmp_path / "w/.recipe/second.json").read_text())

@@ -17,15 +17,15 @@ and the settings match, unless `fresh`. No ablations here (they take minutes on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from posthoc.demo.context import DemoContext
+from posthoc.analyse.cluster.clusterer import NeuronClusterer
+from posthoc.analyse.cluster.run import write_cluster_output
+from posthoc.demo.context import DemoContext, texts_digest
 
 # What decides the cached output (with the base model and the texts).
 SETTINGS: dict[str, Any] = {
@@ -34,14 +34,6 @@ SETTINGS: dict[str, Any] = {
 }
 RECORD = "demo.json"
 TOP = 3  # cluster-topic associations shown (the strongest, one per topic)
-
-
-def _texts_key(texts: list[str], labels: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text, label in zip(texts, labels):
-        digest.update(f"{len(text)}\0{label}\0".encode())
-        digest.update(text.encode())
-    return digest.hexdigest()[:16]
 
 
 def _train_texts(context: DemoContext) -> tuple[list[str], list[str]]:
@@ -55,14 +47,11 @@ def _train_texts(context: DemoContext) -> tuple[list[str], list[str]]:
 
 def _fit_cached(context: DemoContext) -> tuple[Path, dict[str, Any], float | None]:
     """(output dir, clusters.json, seconds to fit or None when reused)."""
-    from posthoc.analyse.cluster.clusterer import NeuronClusterer
-    from posthoc.analyse.cluster.run import write_cluster_output
-
     root = context.work_dir / "clusters"
     out, record_path = root / "output", root / RECORD
     texts, labels = _train_texts(context)
     params = {**SETTINGS, "max_length": context.settings.finetune.max_length}
-    key = {"base_model": str(Path(context.base_dir).resolve()), "texts": _texts_key(texts, labels), "params": params}
+    key = {"base_model": str(Path(context.base_dir).resolve()), "texts": texts_digest(texts, labels), "params": params}
     if (not context.fresh and record_path.is_file() and (out / "clusters.json").is_file()
             and json.loads(record_path.read_text()).get("key") == key):
         return out, json.loads((out / "clusters.json").read_text()), None

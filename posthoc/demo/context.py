@@ -1,16 +1,18 @@
-"""What the demo's steps share: its settings, its tasks and inputs, and the context each later step gets."""
+"""What the demo's steps share: its settings, its tasks and inputs, the context each later step gets, the
+digests their caches are keyed by and the one pass that embeds every task's texts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from posthoc.assets import minilm_dir
 from posthoc.data import DataSplit, TextClassificationData, load_bbc, stratified_split
 from posthoc.errors import ConfigError
 from posthoc.finetune import ClassificationHead, FinetuneSettings
@@ -19,10 +21,12 @@ from posthoc.models import Encoder
 
 @dataclass(frozen=True)
 class DemoContext:
-    """What the demo's later steps (modules, MoE-fication, clusters) get from its first part.
+    """What the demo's steps after the fine-tunes get: probes, merges, and the later steps (modules,
+    MoE-fication, clusters, task soup).
 
-    A step is `step(context) -> str`: it does its work under `work_dir / <its own folder>` (cached there
-    like the fine-tunes), and returns the text block the demo prints after the merge table.
+    A later step is a `DemoStep`, `step(context) -> str`: it does its work under `work_dir / <its own
+    folder>` (cached there like the fine-tunes), and returns the text block the demo prints after the
+    merge table.
     """
 
     work_dir: Path
@@ -91,16 +95,14 @@ def demo_inputs(
 ) -> tuple[Path, dict[str, DataSplit]]:
     """The base encoder (the packaged all-MiniLM-L6-v2 unless given) and each task's train/validation/test split."""
     if base_dir is None:
-        from posthoc.assets import minilm_dir
-
         base_dir = minilm_dir()
     data = data if data is not None else load_bbc()
     split = stratified_split(data, validation=settings.validation, test=settings.test, seed=settings.split_seed)
     return Path(base_dir), {task.name: split.subset(task.label_names) for task in settings.tasks}
 
 
-def _fingerprint(data: TextClassificationData) -> str:
-    """A hash of texts and labels: a cached artifact is reused only for the very same examples."""
+def data_digest(data: TextClassificationData) -> str:
+    """A digest of texts, labels and label names: a cached artefact is reused only for the very same examples."""
     digest = hashlib.sha256()
     digest.update(json.dumps(data.label_names).encode())
     for text, label in zip(data.texts, data.labels):
@@ -109,7 +111,20 @@ def _fingerprint(data: TextClassificationData) -> str:
     return digest.hexdigest()[:16]
 
 
-def _embed_tasks(
+def texts_digest(texts: Sequence[str], labels: Sequence[str] | None = None) -> str:
+    """A digest of texts (and, when given, the name of each one's class), for the steps whose inputs are
+    plain texts: the MoE-fication's calibration texts, the clusters' train texts with their topics.
+
+    Its bytes are not `data_digest`'s: each stays as it was, so the caches of earlier runs stay valid."""
+    digest = hashlib.sha256()
+    for i, text in enumerate(texts):
+        label = "" if labels is None else f"{labels[i]}\0"
+        digest.update(f"{len(text)}\0{label}".encode())
+        digest.update(text.encode())
+    return digest.hexdigest()[:16]
+
+
+def embed_tasks(
     encoder: Encoder,
     sets: dict[str, TextClassificationData],
     settings: DemoSettings,

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from posthoc.checkpoint import open_checkpoint
-from posthoc.demo.context import DemoContext, _embed_tasks, _fingerprint
+from posthoc.data import TextClassificationData
+from posthoc.demo.context import DemoContext, data_digest, embed_tasks
 from posthoc.finetune import read_record
 from posthoc.models import Encoder
+from posthoc.modules.apply import stack
+from posthoc.modules.extraction import extract
 
 DENSITY = 0.05  # LT-SFT's sparse selection, as in the issue's proof
 RANK = 32  # the LoRA's rank on all-MiniLM-L6-v2 (hidden 384); smaller bases get a quarter of their width
@@ -54,7 +57,7 @@ def demo_step(context: DemoContext) -> str:
         "base_model": str(context.base_dir.resolve()),
         "fine-tunes": {name: (read_record(context.finetuned[name]) or {}).get("run_id") for name in names},
         "modules": kinds,
-        "test": {name: _fingerprint(t) for name, t in tests.items()},
+        "test": {name: data_digest(t) for name, t in tests.items()},
         "max_length": settings.finetune.max_length,
     }
     record_path = root / RECORD
@@ -62,9 +65,6 @@ def demo_step(context: DemoContext) -> str:
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
             return _table(record["rows"], names, record["timings"], {n: len(t) for n, t in tests.items()}, cached=True)
-
-    from posthoc.modules.apply import stack
-    from posthoc.modules.extraction import extract
 
     root.mkdir(parents=True, exist_ok=True)
     record_path.unlink(missing_ok=True)
@@ -79,15 +79,36 @@ def demo_step(context: DemoContext) -> str:
     timings["extract"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    rows = _stack_and_score(context, root, kinds, directories, extracted, tests)
+    timings["stack and score"] = time.perf_counter() - clock
+    full_mb = next(iter(extracted.values())).base_bytes / 1e6
+    for row in rows:
+        row["full_mb"] = full_mb
+    record_path.write_text(json.dumps({"key": key, "rows": rows, "timings": timings}, indent=2) + "\n")
+    return _table(rows, names, timings, {n: len(t) for n, t in tests.items()}, cached=False)
+
+
+def _stack_and_score(
+    context: DemoContext,
+    root: Path,
+    kinds: dict[str, dict[str, Any]],
+    directories: dict[tuple[str, str], Path],
+    extracted: dict[tuple[str, str], Any],
+    tests: dict[str, TextClassificationData],
+) -> list[dict[str, Any]]:
+    """One row per module kind: both tasks' modules stacked onto the base (in a scratch directory, removed
+    after), scored on both tasks with the fine-tuned heads; sizes and energy kept from the extractions."""
+    names = list(tests)
     rows: list[dict[str, Any]] = []
     scratch = Path(tempfile.mkdtemp(prefix=".stacked-", dir=root))
     try:
         for kind in kinds:
             stacked = stack(context.base_dir, [directories[kind, n] for n in names], scratch / kind, progress=False)
-            embeddings = _embed_tasks(Encoder.load(stacked.out_dir), tests, settings, context.threads, context.progress)
+            embeddings = embed_tasks(Encoder.load(stacked.out_dir), tests, context.settings, context.threads,
+                                     context.progress)  # fmt: skip
             rows.append({
                 "kind": kind,
-                "label": f"sparse d={DENSITY}" if kind == "sparse" else f"LoRA r={rank}",
+                "label": f"sparse d={DENSITY}" if kind == "sparse" else f"LoRA r={kinds['lora']['rank']}",
                 "size_mb": {n: extracted[kind, n].stored_bytes / 1e6 for n in names},
                 "energy_kept": {n: extracted[kind, n].energy_kept for n in names},
                 "accuracy": {n: context.heads[n].accuracy(embeddings[n], tests[n].labels) for n in names},
@@ -95,12 +116,7 @@ def demo_step(context: DemoContext) -> str:
             shutil.rmtree(stacked.out_dir, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    timings["stack and score"] = time.perf_counter() - clock
-    full_mb = next(iter(extracted.values())).base_bytes / 1e6
-    for row in rows:
-        row["full_mb"] = full_mb
-    record_path.write_text(json.dumps({"key": key, "rows": rows, "timings": timings}, indent=2) + "\n")
-    return _table(rows, names, timings, {n: len(t) for n, t in tests.items()}, cached=False)
+    return rows
 
 
 def _table(rows: list[dict[str, Any]], names: list[str], timings: dict[str, float], sizes: dict[str, int],

@@ -19,17 +19,26 @@ No healing (it takes minutes): see `posthoc split moe --heal-steps` and benchmar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from posthoc.demo.context import DemoContext
+from posthoc.analyse.calibration import CalibrationData
+from posthoc.analyse.evaluate import mean_cosine
+from posthoc.analyse.moe.layers import moe_layers
+from posthoc.analyse.moe.moefier import MoEfier
+from posthoc.analyse.moe.scoring import time_ffn
+from posthoc.data import TextClassificationData
+from posthoc.demo.context import DemoContext, texts_digest
+from posthoc.ffn import ffn_weights, find_ffns
+from posthoc.finetune import ClassificationHead, linear_probe
+from posthoc.models import Encoder
+from posthoc.runtime import load
+from posthoc.threads import torch_threads
 
 # What decides the cached output (with the base model and the calibration texts).
 SETTINGS: dict[str, Any] = {
@@ -41,22 +50,12 @@ TEST_PER_CLASS = 30  # test texts per class scored (each scoring is one encoder 
 RECORD = "demo.json"
 
 
-def _texts_key(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(f"{len(text)}\0".encode())
-        digest.update(text.encode())
-    return digest.hexdigest()[:16]
-
-
-def _moefy_cached(context: DemoContext, calib: Any) -> tuple[Path, dict[str, Any], bool]:
+def _moefy_cached(context: DemoContext, calib: CalibrationData) -> tuple[Path, dict[str, Any], bool]:
     """(output dir, fit summary, cached?): fit and save unless an output for the same key is there."""
-    from posthoc.analyse.moe.moefier import MoEfier
-
     root = context.work_dir / "moe"
     out, record_path = root / "model", root / RECORD
     params = {**SETTINGS, "max_length": context.settings.finetune.max_length}
-    key = {"base_model": str(Path(context.base_dir).resolve()), "calibration": _texts_key(list(calib.texts)),
+    key = {"base_model": str(Path(context.base_dir).resolve()), "calibration": texts_digest(calib.texts),
            "params": params}
     if not context.fresh and record_path.is_file() and (out / "experts.json").is_file():
         record = json.loads(record_path.read_text())
@@ -72,10 +71,8 @@ def _moefy_cached(context: DemoContext, calib: Any) -> tuple[Path, dict[str, Any
     return out, fit, False
 
 
-def _probes(context: DemoContext, dense: Any, max_length: int) -> dict[str, Any]:
+def _probes(context: DemoContext, dense: Encoder, max_length: int) -> dict[str, ClassificationHead]:
     """Per task, a head trained on dense base embeddings: the demo's linear probe when it is there."""
-    from posthoc.finetune import ClassificationHead, linear_probe
-
     heads = {}
     for name, split in context.splits.items():
         saved = context.work_dir / f"probe-{name}"
@@ -91,53 +88,13 @@ def _probes(context: DemoContext, dense: Any, max_length: int) -> dict[str, Any]
 
 def demo_step(context: DemoContext) -> str:
     """MoE-fy the demo's base encoder and score it at top-4 and top-8 of 16 experts (see the module docstring)."""
-    import posthoc
-    from posthoc.analyse.calibration import CalibrationData
-    from posthoc.analyse.evaluate import mean_cosine
-    from posthoc.analyse.moe.layers import moe_layers
-    from posthoc.analyse.moe.scoring import time_ffn
-    from posthoc.ffn import ffn_weights, find_ffns
-    from posthoc.models import Encoder
-    from posthoc.threads import torch_threads
-
     started = time.perf_counter()
     names = list(context.splits)
     train = list(dict.fromkeys(t for name in names for t in context.splits[name].train.texts))
     random.Random(0).shuffle(train)  # --max-tokens takes the first texts: let every task's classes in
-    calib = CalibrationData(tuple(train), name="demo train texts")
-    out, fit, cached = _moefy_cached(context, calib)
-    max_length = context.settings.finetune.max_length
-
+    out, fit, cached = _moefy_cached(context, CalibrationData(tuple(train), name="demo train texts"))
     tests = {name: context.splits[name].test.limit_per_class(TEST_PER_CLASS) for name in names}
-    texts = [t for name in names for t in tests[name].texts]
-
-    def embed(encoder: Encoder) -> dict[str, torch.Tensor]:
-        emb = encoder.embed(texts, max_length=max_length, threads=context.threads)
-        parts, start = {}, 0
-        for name in names:
-            parts[name] = emb[start : start + len(tests[name])]
-            start += len(tests[name])
-        return parts
-
-    dense_encoder = Encoder.load(context.base_dir)
-    probes = _probes(context, dense_encoder, max_length)
-    dense = embed(dense_encoder)
-    rows: list[tuple[str, str, float, dict[str, float]]] = [
-        ("dense", "100%", 1.0, {n: probes[n].accuracy(dense[n], tests[n].labels) for n in names})
-    ]
-    speed = None
-    for k in TOP_KS:
-        model, tokenizer = posthoc.load(out, top_k=k, return_tokenizer=True)
-        moe = embed(Encoder(model, tokenizer, out))
-        cosine = mean_cosine(torch.cat([moe[n] for n in names]), torch.cat([dense[n] for n in names]))
-        rows.append((f"MoE top-{k}/{SETTINGS['experts']}", f"{k / SETTINGS['experts']:.0%}", cosine,
-                     {n: probes[n].accuracy(moe[n], tests[n].labels) for n in names}))
-        if k == SETTINGS["top_k"]:
-            layer = moe_layers(model)[0]
-            dense_ffn = ffn_weights(dense_encoder.model, find_ffns(dense_encoder.model)[0])
-            x = torch.randn(2048, layer.d_model, generator=torch.Generator().manual_seed(0))
-            with torch_threads(1):  # many small matmuls: on a shared machine a second thread mostly waits
-                speed = time_ffn(layer, dense_ffn, x, repeats=5)
+    rows, speed = _score(context, out, tests)
 
     n_tests = sum(len(t) for t in tests.values())
     fitted = "cached" if cached else f"fitted in {fit['seconds']:.0f} s"
@@ -161,3 +118,42 @@ def demo_step(context: DemoContext) -> str:
     (context.work_dir / "moe" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return "\n".join(lines)
 
+
+def _score(
+    context: DemoContext, out: Path, tests: dict[str, TextClassificationData]
+) -> tuple[list[tuple[str, str, float, dict[str, float]]], dict[str, float] | None]:
+    """Rows (encoder, share of FFN neurons, embedding cosine to dense, probe accuracy per task) for the dense
+    base and the MoE output loaded at each of TOP_KS, and the FFN timing at the fitted top-k."""
+    names = list(tests)
+    max_length = context.settings.finetune.max_length
+    dense_encoder = Encoder.load(context.base_dir)
+    probes = _probes(context, dense_encoder, max_length)
+    dense = _embed_tests(dense_encoder, tests, max_length, context.threads)
+    rows = [("dense", "100%", 1.0, {n: probes[n].accuracy(dense[n], tests[n].labels) for n in names})]
+    speed = None
+    for k in TOP_KS:
+        model, tokenizer = load(out, top_k=k, return_tokenizer=True)  # posthoc.load, as a user loads it
+        moe = _embed_tests(Encoder(model, tokenizer, out), tests, max_length, context.threads)
+        cosine = mean_cosine(torch.cat([moe[n] for n in names]), torch.cat([dense[n] for n in names]))
+        rows.append((f"MoE top-{k}/{SETTINGS['experts']}", f"{k / SETTINGS['experts']:.0%}", cosine,
+                     {n: probes[n].accuracy(moe[n], tests[n].labels) for n in names}))
+        if k == SETTINGS["top_k"]:
+            layer = moe_layers(model)[0]
+            dense_ffn = ffn_weights(dense_encoder.model, find_ffns(dense_encoder.model)[0])
+            x = torch.randn(2048, layer.d_model, generator=torch.Generator().manual_seed(0))
+            with torch_threads(1):  # many small matmuls: on a shared machine a second thread mostly waits
+                speed = time_ffn(layer, dense_ffn, x, repeats=5)
+    return rows, speed
+
+
+def _embed_tests(
+    encoder: Encoder, tests: dict[str, TextClassificationData], max_length: int, threads: int | None
+) -> dict[str, torch.Tensor]:
+    """Every task's test texts embedded in one pass, cut per task."""
+    embeddings = encoder.embed([t for test in tests.values() for t in test.texts], max_length=max_length,
+                               threads=threads)  # fmt: skip
+    parts, start = {}, 0
+    for name, test in tests.items():
+        parts[name] = embeddings[start : start + len(test)]
+        start += len(test)
+    return parts

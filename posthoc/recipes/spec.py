@@ -8,7 +8,7 @@
       reduced: {steps: 2}       # the few-step setting the test suite runs
     steps:
       - name: ft-bbc            # unique; defaults to the kind and its position
-        step: finetune          # the kind (see `posthoc.recipes.steps.STEP_KINDS`)
+        step: finetune          # the kind (see `posthoc.recipes.registry.STEP_KINDS`)
         base: asset:minilm      # keys are the kind's parameters; path keys are inputs or outputs
         data: data/bbc.json
         out: finetune/bbc
@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from posthoc.errors import RecipeError
+from posthoc.recipes.assets import asset_path
 
 TOP_LEVEL_KEYS = ("name", "description", "variables", "profiles", "steps")
 STEP_META_KEYS = ("name", "step", "for_each")
@@ -267,8 +268,6 @@ def resolve_path(value: str, work_dir: Path, trusted: bool, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: expected a path, got {value!r}")
     if value.startswith(ASSET_PREFIX):
-        from posthoc.recipes.assets import asset_path
-
         return asset_path(value[len(ASSET_PREFIX) :], where)
     path = Path(value).expanduser()
     if trusted:

