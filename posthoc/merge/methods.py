@@ -315,7 +315,6 @@ def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(compute) for t in tensors]
 
 
-# The family as configurations of one kernel: (name, sparsification, consensus, normalize, rescale, paper).
 @dataclass(frozen=True)
 class FamilyMember:
     """One method of the task-arithmetic family: a configuration of `task_arithmetic_family`."""
