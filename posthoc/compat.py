@@ -34,11 +34,19 @@ class CompatReport:
     models: list[ModelSummary]
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    vocab_mismatch: bool = False
+    vocab_problems: list[str] = field(default_factory=list)  # the problems that an aligned vocabulary solves
+
+    @property
+    def vocab_mismatch(self) -> bool:
+        return bool(self.vocab_problems)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def vocabulary_aligned(self) -> None:
+        """The vocabularies are merged over one tokenizer: their size differences are no longer problems."""
+        self.problems = [p for p in self.problems if p not in self.vocab_problems]
 
     def render(self) -> str:
         lines = []
@@ -110,7 +118,6 @@ def check_compatible(
     """Compare every checkpoint with the reference (the base, else the first) tensor by tensor."""
     reference = reference or checkpoints[0]
     report = CompatReport([summarize(c, with_tokenizer=with_tokenizer) for c in checkpoints])
-    ref_embeddings = set(embedding_names(reference))
     for summary in report.models:
         if summary.tokenizer_size and summary.vocab_rows and summary.tokenizer_size > summary.vocab_rows:
             report.warnings.append(
@@ -119,54 +126,67 @@ def check_compatible(
             )
     ref_summary = report.models[checkpoints.index(reference)] if reference in checkpoints else summarize(reference)
     for ckpt, summary in zip(checkpoints, report.models):
-        if ckpt is reference:
-            continue
-        if summary.architecture != ref_summary.architecture:
-            report.warnings.append(
-                f"{ckpt.source}: architecture {summary.architecture} differs from {reference.source} "
-                f"({ref_summary.architecture})"
-            )
-        if (
-            summary.tied_embeddings is not None
-            and ref_summary.tied_embeddings is not None
-            and summary.tied_embeddings != ref_summary.tied_embeddings
-        ):
-            report.warnings.append(
-                f"{ckpt.source}: embeddings are {'tied' if summary.tied_embeddings else 'untied'} but "
-                f"{'tied' if ref_summary.tied_embeddings else 'untied'} in {reference.source}; "
-                "the output follows the reference"
-            )
-        missing = [n for n in reference.tensors if n not in ckpt.tensors]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            report.problems.append(f"tensor {missing[0]} is missing in {ckpt.source}{more}")
-        extra = [n for n in ckpt.tensors if n not in reference.tensors]
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            report.warnings.append(f"{ckpt.source}: tensor {extra[0]} is not in {reference.source}; ignored{more}")
-        dtype_differs = []
-        for name, ref_info in reference.tensors.items():
-            info = ckpt.tensors.get(name)
-            if info is None:
-                continue
-            if info.shape != ref_info.shape:
-                if name in ref_embeddings and info.shape[1:] == ref_info.shape[1:]:
-                    report.vocab_mismatch = True
-                    report.problems.append(
-                        f"vocabulary sizes differ: {name} has {ref_info.shape[0]} rows in {reference.source} "
-                        f"but {info.shape[0]} in {ckpt.source}; merge models that share a tokenizer, or set "
-                        "`tokenizer: {source: base}` (or a model path) to merge over one vocabulary"
-                    )
-                else:
-                    report.problems.append(
-                        f"tensor {name}: shape {list(ref_info.shape)} in {reference.source} but "
-                        f"{list(info.shape)} in {ckpt.source}"
-                    )
-            elif info.dtype != ref_info.dtype:
-                dtype_differs.append(name)
-        if dtype_differs:
-            report.warnings.append(
-                f"{ckpt.source}: {len(dtype_differs)} tensors have another dtype than in {reference.source} "
-                f"(e.g. {dtype_differs[0]}); they are cast to the merge dtype"
-            )
+        if ckpt is not reference:
+            _compare_summaries(ckpt, summary, reference, ref_summary, report)
+            _compare_tensors(ckpt, reference, report)
     return report
+
+
+def _compare_summaries(
+    ckpt: Checkpoint, summary: ModelSummary, reference: Checkpoint, ref_summary: ModelSummary, report: CompatReport
+) -> None:
+    """Warnings on what differs from the reference as a whole: architecture, tied embeddings."""
+    if summary.architecture != ref_summary.architecture:
+        report.warnings.append(
+            f"{ckpt.source}: architecture {summary.architecture} differs from {reference.source} "
+            f"({ref_summary.architecture})"
+        )
+    if (
+        summary.tied_embeddings is not None
+        and ref_summary.tied_embeddings is not None
+        and summary.tied_embeddings != ref_summary.tied_embeddings
+    ):
+        report.warnings.append(
+            f"{ckpt.source}: embeddings are {'tied' if summary.tied_embeddings else 'untied'} but "
+            f"{'tied' if ref_summary.tied_embeddings else 'untied'} in {reference.source}; "
+            "the output follows the reference"
+        )
+
+
+def _compare_tensors(ckpt: Checkpoint, reference: Checkpoint, report: CompatReport) -> None:
+    """Problems and warnings tensor by tensor: missing or extra names, shapes (vocabulary sizes apart), dtypes."""
+    missing = [n for n in reference.tensors if n not in ckpt.tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        report.problems.append(f"tensor {missing[0]} is missing in {ckpt.source}{more}")
+    extra = [n for n in ckpt.tensors if n not in reference.tensors]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        report.warnings.append(f"{ckpt.source}: tensor {extra[0]} is not in {reference.source}; ignored{more}")
+    embeddings = set(embedding_names(reference))
+    dtype_differs = []
+    for name, ref_info in reference.tensors.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            continue
+        if info.shape != ref_info.shape:
+            if name in embeddings and info.shape[1:] == ref_info.shape[1:]:
+                problem = (
+                    f"vocabulary sizes differ: {name} has {ref_info.shape[0]} rows in {reference.source} "
+                    f"but {info.shape[0]} in {ckpt.source}; merge models that share a tokenizer, or set "
+                    "`tokenizer: {source: base}` (or a model path) to merge over one vocabulary"
+                )
+                report.vocab_problems.append(problem)
+            else:
+                problem = (
+                    f"tensor {name}: shape {list(ref_info.shape)} in {reference.source} but "
+                    f"{list(info.shape)} in {ckpt.source}"
+                )
+            report.problems.append(problem)
+        elif info.dtype != ref_info.dtype:
+            dtype_differs.append(name)
+    if dtype_differs:
+        report.warnings.append(
+            f"{ckpt.source}: {len(dtype_differs)} tensors have another dtype than in {reference.source} "
+            f"(e.g. {dtype_differs[0]}); they are cast to the merge dtype"
+        )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posthoc import sparsify
-from posthoc.errors import ConfigError
+from posthoc.errors import ConfigError, OutputError
 from posthoc.merge.config import MergeConfig
 from posthoc.merge.modules import linear_coefficients
 from posthoc.merge.registry import REGISTRY, Param, PerModel, Required, get_method, merge_method
@@ -317,6 +317,22 @@ def test_multislerp_two_orthogonal_unit_task_vectors():
     got = call("multislerp", [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])], base, weight=[1.0, 1.0])
     # the spherical midpoint of two orthogonal unit vectors, with norm Σ wᵢ‖τᵢ‖ = 1
     torch.testing.assert_close(got - base, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]), atol=1e-6, rtol=1e-6)
+
+
+def test_multislerp_of_a_tensor_no_model_changed_is_the_base():
+    # Frozen tensors (embeddings of a LoRA-merged fine-tune, layers left alone) give zero task vectors: the
+    # barycenter of nothing moved is the base, not an error (mergekit 0.1.5 raises here with three models).
+    base = rand(8, 8, seed=4)
+    for count in (2, 3):
+        got = call("multislerp", [base.clone() for _ in range(count)], base, weight=[1.0] * count)
+        assert torch.equal(got, base)
+
+
+def test_multislerp_refuses_task_vectors_that_cancel_naming_the_tensor():
+    base, tau = torch.zeros(16), rand(16, seed=6)  # a zero base: the task vectors are exactly ±tau
+    inputs = [base + tau, base - tau, base + tau, base - tau]
+    with pytest.raises(OutputError, match=r"^tensor layers\.0\.w: multislerp: the task vectors cancel out"):
+        get_method("multislerp").merge_tensor("layers.0.w", inputs, base, weight=[1.0] * 4)
 
 
 def test_model_stock_formula():

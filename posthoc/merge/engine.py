@@ -185,7 +185,7 @@ def _check_inputs(
             donor = inputs.opened.get(source) or stack.enter_context(ckpt_io.open_checkpoint(source))
         if report.vocab_mismatch:
             alignment = VocabularyAlignment.build(donor, reference, opened)
-            report.problems = [p for p in report.problems if not p.startswith("vocabulary sizes differ")]
+            report.vocabulary_aligned()
     if report.problems:
         more = f" (and {len(report.problems) - 1} more problems; run `posthoc check`)" if len(report.problems) > 1 else ""
         raise IncompatibleError(report.problems[0] + more)
@@ -424,7 +424,7 @@ def _merge_one(
         kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed or 0, name))
     if method.takes_out_dtype:
         kwargs["out_dtype"] = out_dtype
-    out = method.fn(tensors, base, **kwargs)
+    out = method.merge_tensor(name, tensors, base, **kwargs)
     if not all_finite(out):
         sources = [*([base_ref] if base is not None else []), *models]
         culprits = [m for m, t in zip(sources, every) if not torch.isfinite(t.reshape(-1)[0 : t.numel()]).all()]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from posthoc import sparsify
-from posthoc.errors import ConfigError
+from posthoc.errors import ConfigError, OutputError
 from posthoc.merge.registry import (
     DENSITY,
     PER_MODEL,
@@ -469,12 +469,17 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = [torch.linalg.vector_norm(v) for v in vectors]
+    if all(n <= eps for n in norms):  # no model changed this tensor (frozen while fine-tuning): nothing to move
+        return tensors[0].clone()
     units = [v / (n + eps) for v, n in zip(vectors, norms)]
     mean = sum(wi * u for wi, u in zip(w, units))
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if len(vectors) != 2:
-            raise ValueError("multislerp: the task vectors cancel out (their weighted mean direction is zero)")
+            raise OutputError(
+                "multislerp: the task vectors cancel out (their weighted mean direction is zero); change the models' "
+                "weights, or merge with another method"
+            )
         out = w[0] * vectors[0] + w[1] * vectors[1]
     else:
         mean = mean / mean_norm

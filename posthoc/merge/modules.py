@@ -112,7 +112,7 @@ def _method_plan(
             def compute(name: str, changes: list[torch.Tensor]) -> torch.Tensor:
                 if method.randomized:
                     kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed or 0, name))
-                return method.fn(changes, torch.zeros_like(changes[0]), **kwargs).to(torch.float32)
+                return method.merge_tensor(name, changes, torch.zeros_like(changes[0]), **kwargs).to(torch.float32)
             return TensorPlan(compute=compute)
         if base is None:
             raise ModuleError(f"merging modules with {method.name} needs the base checkpoint (base_model / --base)")
@@ -121,7 +121,8 @@ def _method_plan(
             theta0 = base.read(name).to(torch.float32)
             if method.randomized:
                 kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed or 0, name))
-            merged = method.fn([theta0 + c for c in changes], None if method.base == "ignored" else theta0, **kwargs)
+            merged = method.merge_tensor(name, [theta0 + c for c in changes], None if method.base == "ignored" else theta0,
+                                         **kwargs)
             return merged.to(torch.float32) - theta0
         return TensorPlan(compute=absolute)
 

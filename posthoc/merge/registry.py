@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from posthoc.errors import ConfigError
+from posthoc.errors import ConfigError, PosthocError
 
 
 class _RequiredType:
@@ -136,6 +136,14 @@ class MergeMethod:
     # on_task_vectors: defined on task vectors, f(θ₀ + φ; θ₀) = θ₀ + f(φ; 0) with the same seed, so changes
     # merge over a zero base, without the base checkpoint.
     on_task_vectors: bool = False
+
+    def merge_tensor(self, tensor: str, tensors: list[torch.Tensor], base: torch.Tensor | None, **kwargs: Any
+                     ) -> torch.Tensor:
+        """The method on the inputs of one tensor; a PosthocError it raises is reported with the tensor's name."""
+        try:
+            return self.fn(tensors, base, **kwargs)
+        except PosthocError as error:
+            raise type(error)(f"tensor {tensor}: {error}") from None
 
     def describe(self) -> str:
         """The parameters in one line: `name (per model|global[, integer], default)`."""
