@@ -89,9 +89,11 @@ def embed_texts(encoder_dir: str | os.PathLike[str], texts: Sequence[str], **kwa
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, auto_class: str | None = None, dtype: torch.dtype = torch.float32
+    spec: str | os.PathLike[str], *, auto_class: str | None = None, dtype: torch.dtype = torch.float32,
+    with_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any, Path]:
-    """(model, tokenizer, directory) for a checkpoint spec (directory, GGUF file, hub id), in eval mode.
+    """(model, tokenizer, directory) for a checkpoint spec (directory, GGUF file, hub id), in eval mode; the
+    tokenizer is None when not asked for (`with_tokenizer=False`).
 
     The class is `auto_class` when given (a transformers class name: "AutoModel" for an encoder's hidden
     states, "AutoModelForCausalLM" …), else the checkpoint's `architectures[0]` (BertModel,
@@ -113,7 +115,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the useful ones
     try:
         model = cls.from_pretrained(directory, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory) if with_tokenizer else None
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{spec}: transformers cannot load it ({first})") from None

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from posthoc.errors import CheckpointError, DataError
+from posthoc.errors import DataError
 from posthoc.finetune import ClassificationHead
-from posthoc.models import mean_pool
+from posthoc.models import load_model, mean_pool
 from posthoc.report import Report
 
 
@@ -64,26 +64,6 @@ def read_texts(path: str | os.PathLike[str], limit: int) -> list[str]:
     return texts
 
 
-def _load(directory: Path) -> torch.nn.Module:
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    config = transformers.AutoConfig.from_pretrained(str(directory))
-    arch = (config.architectures or [None])[0]
-    model_cls = getattr(transformers, arch, None) if arch else None
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        if model_cls is None:
-            return transformers.AutoModel.from_pretrained(str(directory), dtype=torch.float32).eval()
-        return model_cls.from_pretrained(str(directory), dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{directory}: transformers cannot load it ({str(error).splitlines()[0]})") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-
-
 @torch.inference_mode()
 def calibration_agreement(
     reference_dir: str | os.PathLike[str],
@@ -102,7 +82,7 @@ def calibration_agreement(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     head = ClassificationHead.load(reference_dir) if (reference_dir / "head.json").is_file() else None
-    models = [_load(reference_dir), _load(candidate_dir)]
+    models = [load_model(d, with_tokenizer=False)[0] for d in (reference_dir, candidate_dir)]
     token_cos, pooled_cos, agree, count = [], [], 0, 0
     label_source = "posthoc task head" if head is not None else None
     for start in range(0, len(texts), batch_size):
