@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import time
@@ -105,10 +106,7 @@ class MaskTarget:
 
     @property
     def size(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def mask_targets(model: nn.Module, granularity: str, ffn_modules: str | None = None) -> list[MaskTarget]:
