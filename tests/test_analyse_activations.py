@@ -27,6 +27,7 @@ from posthoc.analyse.evaluate import perplexity
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import FFNNotFoundError, ffn_weights, find_ffns, neuron_scores
 from posthoc.models import load_model
+from posthoc.threads import torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,29 @@ def test_input_sample_is_uniform():
         hits[s.result()["index"]] += 1
     assert abs(hits[:500].sum() / hits.sum() - 0.5) < 0.03  # early and late tokens equally likely
     assert hits.mean() == 20
+
+
+def test_input_sample_rows_are_the_tokens_their_index_names():
+    """Many tokens of one update can draw the same reservoir slot: the one kept is the last of them (Algorithm R
+    in stream order), in the stored input and in its index alike, whatever the row width or thread count."""
+    from posthoc.analyse.activations import TokenInfo
+    from posthoc.ffn import FFNWeights
+
+    width = 64
+    weights = FFNWeights(torch.zeros(4, width), torch.zeros(width, 4), torch.relu)
+    results = []
+    for threads in (1, 2):  # on 2 threads an assignment with repeated slots kept a different token per run
+        s = InputSample(100, seed=0)
+        s.start(None, weights)
+        with torch_threads(threads):
+            for start in range(0, 4096, 512):  # 512 tokens per update into 100 slots: clashes in every update
+                positions = torch.arange(start, start + 512).float()
+                s.update(positions[:, None].expand(512, width).contiguous(), torch.zeros(512, 4),
+                         TokenInfo(None, start))
+        x, index = s.result()["x"], s.result()["index"]
+        assert torch.equal(x.long(), index[:, None].expand_as(x))
+        results.append(index.clone())
+    assert torch.equal(results[0], results[1])
 
 
 def test_activations_save_and_load(tiny, tmp_path):
