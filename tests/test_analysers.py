@@ -166,6 +166,19 @@ def check_analyser(cls: type[Analyser], case: Case, tiny: dict[str, Any]) -> Non
         assert_same(model_state(module), state, name)
     assert_same(a.get_params(), {**table.defaults(), **params})
 
+    # `threads` holds for the whole fit: no step (the calibration pass included) sets torch to more threads
+    assert params.get("threads") == 1
+    counts: list[int] = []
+    original, previous = torch.set_num_threads, torch.get_num_threads()
+    original(1)
+    try:
+        torch.set_num_threads = lambda n: (counts.append(n), original(n))[1]
+        case.fit(cls(**params), model, tok, data)
+    finally:
+        torch.set_num_threads = original
+        original(previous)
+    assert counts and set(counts) == {1}, f"{owner}.fit set torch to {sorted(set(counts))} threads with threads=1"
+
     # the same parameters and seed learn the same, in a new analyser or fitting this one again
     again = case.fit(cls(**params), model, tok, data)
     assert_same(learned(again), learned(a), owner)

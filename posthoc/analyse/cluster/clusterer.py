@@ -354,7 +354,7 @@ class NeuronClusterer(Analyser, params=PARAMS):
             stats.append(InputSample(self.shuffle_tokens, seed=self.seed))
         return collect(model, calib, stats, tokenizer=tokenizer, ffns=all_ffns, layers=[f.index for f in self.ffns_],
                        max_tokens=self.max_tokens, max_length=self.max_length, batch_size=self.batch_size,
-                       progress=self.progress)
+                       progress=self.progress, threads=self.threads)
 
     def _unit_ffns(self) -> list[list[FFN]]:
         if not self.across_layers:

@@ -223,7 +223,7 @@ class MoEfier(Analyser, params=PARAMS):
     def _collect(self, model: nn.Module, tokenizer: Any, data: CalibrationData):
         acts = collect(model, data, self.statistics(), tokenizer=tokenizer, ffns=self.ffns_,
                        max_tokens=self.max_tokens, max_length=self.max_length, batch_size=self.batch_size,
-                       progress=self.progress)
+                       progress=self.progress, threads=self.threads)
         return self._check_activations(acts, data.name)
 
     def _check_activations(self, acts: Any, name: str = "calibration") -> Any:
