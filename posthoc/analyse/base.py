@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -23,6 +24,7 @@ from torch import nn
 
 from posthoc.analyse.params import ParamTable
 from posthoc.errors import ConfigError
+from posthoc.models import load_model
 
 A = TypeVar("A", bound="Analyser")
 
@@ -55,6 +57,18 @@ class Analyser:
         """ConfigError in the table's words for the first bad value ("The 'top_k' parameter of MoEfier must be
         an int in [1, experts]. Got 0 instead."); `fit` calls it before anything else."""
         self.PARAMS.validate(self.get_params())
+
+    def model_for_fit(self, model: Any, tokenizer: Any, *, needs_tokenizer: bool = True) -> tuple[nn.Module, Any]:
+        """(model, tokenizer) that `fit` works on: a checkpoint spec (directory, GGUF, hub id) is loaded and
+        `source_` set to its directory; a loaded model is taken as given (`source_` None), with its tokenizer."""
+        self.source_ = None
+        if isinstance(model, (str, os.PathLike)):
+            model, tokenizer, self.source_ = load_model(model)
+        elif tokenizer is None and needs_tokenizer:
+            raise ConfigError(
+                f"{type(self).__name__}.fit: pass tokenizer= with a loaded model (or give a checkpoint path)"
+            )
+        return model, tokenizer
 
     def is_fitted(self) -> bool:
         return any(name.endswith("_") and not name.startswith("_") for name in vars(self))

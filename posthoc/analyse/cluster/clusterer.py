@@ -27,7 +27,6 @@ sets of the same size in the same layers.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ from posthoc.analyse.texts import TokenizedTexts
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import FFN, ffn_weights, find_ffns
 from posthoc.finetune import linear_probe
-from posthoc.models import load_model
 from posthoc.progress import progress_bar
 from posthoc.threads import torch_threads
 
@@ -284,11 +282,7 @@ class NeuronClusterer(Analyser, params=PARAMS):
         if calib is None and self.graph != "weights":
             raise DataError(f"a {self.graph} graph needs calibration data (texts to run the model on)")
         labelled = None if labels is None else as_labelled(labels, calib, self.max_label_texts, self.seed)
-        self.source_ = None
-        if isinstance(model, (str, os.PathLike)):
-            model, tokenizer, self.source_ = load_model(model)
-        elif tokenizer is None and (calib is not None or labelled is not None):
-            raise ConfigError("NeuronClusterer.fit: pass tokenizer= with a loaded model (or give a checkpoint path)")
+        model, tokenizer = self.model_for_fit(model, tokenizer, needs_tokenizer=calib is not None or labelled is not None)
         all_ffns = find_ffns(model, self.ffn_modules)
         self.ffns_ = self._watched(all_ffns)
         self._check_sizes(model)

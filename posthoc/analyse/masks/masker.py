@@ -55,7 +55,6 @@ from posthoc.data import TextClassificationData
 from posthoc.errors import ConfigError, DataError, IncompatibleError
 from posthoc.ffn import find_ffns
 from posthoc.finetune import ClassificationHead, as_head, batch_indices, linear_probe
-from posthoc.models import load_model
 from posthoc.modules.masks import checkpoint_name, neuron_entries, neuron_mask_name, write_mask_module
 from posthoc.progress import progress_bar
 from posthoc.threads import torch_threads
@@ -341,11 +340,7 @@ class SubnetworkMasker(Analyser, params=PARAMS):
         self.validate_params()
         task = self._make_task(data)  # data errors before minutes of loading
         started = time.perf_counter()
-        self.source_ = None
-        if isinstance(model, (str, os.PathLike)):
-            model, tokenizer, self.source_ = load_model(model)
-        elif tokenizer is None:
-            raise ConfigError("SubnetworkMasker.fit: pass tokenizer= with a loaded model (or give a checkpoint path)")
+        model, tokenizer = self.model_for_fit(model, tokenizer)
         targets = mask_targets(model, self.granularity, self.ffn_modules)
         self.alpha_ = self.alpha if self.alpha is not None else DEFAULT_ALPHA[self.granularity]
         with frozen(model), torch_threads(self.threads), torch.random.fork_rng(devices=[]):

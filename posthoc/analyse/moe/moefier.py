@@ -55,7 +55,6 @@ from posthoc.analyse.moe.partition import PARTITIONS, expert_sizes, order_from_l
 from posthoc.analyse.params import Param, ParamTable, choice, is_int, is_number
 from posthoc.errors import ConfigError, DataError
 from posthoc.ffn import SCORES, FFNWeights, ffn_weights, find_ffns, neuron_scores
-from posthoc.models import load_model
 from posthoc.modules.format import ModuleError
 from posthoc.threads import torch_threads
 
@@ -161,11 +160,7 @@ class MoEfier(Analyser, params=PARAMS):
         superset): several MoEfiers with different settings then share one pass over the text."""
         self.validate_params()
         started = time.perf_counter()
-        self.source_ = None
-        if isinstance(model, (str, os.PathLike)):
-            model, tokenizer, self.source_ = load_model(model)
-        elif tokenizer is None:
-            raise ConfigError("MoEfier.fit: pass tokenizer= with a loaded model (or give a checkpoint path)")
+        model, tokenizer = self.model_for_fit(model, tokenizer)
         data = CalibrationData.of(data)
         if len(data) == 0:
             raise DataError("calibration data holds no text")
