@@ -104,26 +104,8 @@ def outputs(model_dir: Path, peft_dir: Path | None = None, causal: bool = False,
     return out.logits if causal else out.last_hidden_state
 
 
-def terminal_text(stream: str) -> str:
-    """What a terminal shows: each line after its last carriage return (an erased progress bar shows nothing)."""
-    shown = [line.rsplit("\r", 1)[-1] for line in stream.split("\n")]
-    return "\n".join(line for line in shown if line.strip())
-
-
 def fails_cleanly(tmp_path: Path, args: list, inputs: list[Path], *, match: str, out: Path | None = None) -> str:
-    """Run the CLI; assert exit ≠ 0, one `error:` line matching, no output or temp dir, inputs unchanged."""
-    from click.testing import CliRunner
-    from conftest import tree_digest
-    from posthoc.cli import main
+    """The shared clean-refusal check (tests/bad_input.py) below `tmp_path`."""
+    from bad_input import refused
 
-    before = {p: tree_digest(p) for p in inputs}
-    out = out or tmp_path / "out"
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    message = terminal_text(result.stderr)
-    assert result.exit_code != 0, result.output
-    assert len(message.splitlines()) == 1 and message.startswith("error: "), message
-    assert match in message, message
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.posthoc-*")), "a temporary directory was left behind"
-    assert {p: tree_digest(p) for p in inputs} == before
-    return message
+    return refused(args, inputs, tmp_path, match=match)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from bad_input import refused
 from click.testing import CliRunner
 from conftest import private_copy, tree_digest
 from posthoc.cli import main
@@ -23,26 +24,8 @@ def family(llama_family, tmp_path) -> tuple[Path, list[Path]]:
     return private_copy(*llama_family, tmp_path)
 
 
-def terminal_text(stream: str) -> str:
-    """What a terminal shows: each line after its last carriage return (an erased progress bar shows nothing)."""
-    shown = [line.rsplit("\r", 1)[-1] for line in stream.split("\n")]
-    return "\n".join(line for line in shown if line.strip())
-
-
 def fails_cleanly(tmp_path: Path, args: list, inputs: list[Path], *, match: str) -> str:
-    """Run the CLI; assert exit ≠ 0, one `error:` line matching, no output or temp dir, inputs unchanged."""
-    before = {p: tree_digest(p) for p in inputs}
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    message = terminal_text(result.stderr)
-    assert result.exit_code != 0, result.output
-    assert len(message.splitlines()) == 1 and message.startswith("error: "), message
-    assert match in message, message
-    if "already exists" not in message:
-        assert not out.exists()
-    assert not list(tmp_path.glob(".out.posthoc-*")), "a temporary directory was left behind"
-    assert {p: tree_digest(p) for p in inputs} == before
-    return message
+    return refused(args, inputs, tmp_path, match=match)
 
 
 def config(tmp_path: Path, data: dict) -> Path:
